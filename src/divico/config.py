@@ -1,0 +1,133 @@
+"""`CompressionConfig`: what to compress, how much, and where (a peft-style config dataclass)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENCODER_CHOICES = ("variational", "deterministic", "none")
+SCORING_CHOICES = ("sdpa", "full_attention")
+
+
+@dataclass
+class CompressionConfig:
+    """How divico compresses the visual tokens of a vision-language model.
+
+    Parameters
+    ----------
+    method
+        Name of a registered method (see :func:`divico.available_methods`): ``"divico"``, ``"fastv"``, ``"deco"``.
+    keep_ratio
+        Share of each sample's visual tokens that is kept, in (0, 1]. ``k = max(1, round(keep_ratio * Nv))``
+        where ``Nv`` counts all visual tokens of the sample (several images form one pool).
+    keep_tokens
+        Number of visual tokens kept per sample (all images of a sample form one pool). Exactly one of
+        ``keep_ratio`` / ``keep_tokens`` must be given. For ``deco`` it is the pooled count *per image* and must
+        be a product ``h * w`` reachable from the patch grid (e.g. 64 = 8 x 8 for a 24 x 24 grid).
+    layer
+        K: the decoder layer whose input is compressed; layers ``< K`` see every token, layers ``>= K`` only the
+        kept ones. Valid range [1, num_hidden_layers - 1]. Ignored by input-level methods (``deco``).
+    encoder
+        DiViCo's gap encoder g_theta: ``"variational"`` (paper default; mu and sigma, KL term),
+        ``"deterministic"`` (point estimate, no KL: Fig. 8 variant b) or ``"none"`` (selection only: variant a).
+    encoder_hidden_size
+        Width of g_theta's hidden layer; ``None`` means the LLM hidden size d.
+    init_sigma
+        sigma produced by an untrained variational encoder (its log-sigma bias starts at ``log(init_sigma)``), so
+        training starts with small noise instead of N(0, 1) on the hidden states.
+    scoring
+        ``"sdpa"``: the last prompt token's attention row computed from captured q/k (no N x N matrix);
+        ``"full_attention"``: the official FastV way (the full (B, H, N, N) attention matrix at layer K-1), kept as a
+        reference for benchmarks. Both give the same scores.
+    per_frame_keep
+        For video inputs: keep the same share of tokens in every frame instead of one pool per sample.
+    """
+
+    method: str = "divico"
+    keep_ratio: float | None = None
+    keep_tokens: int | None = None
+    layer: int = 2
+    encoder: Literal["variational", "deterministic", "none"] = "variational"
+    encoder_hidden_size: int | None = None
+    init_sigma: float = 1e-2
+    scoring: Literal["sdpa", "full_attention"] = "sdpa"
+    per_frame_keep: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from divico.registry import available_methods  # late import: registry imports methods which import config
+
+        if self.method not in available_methods():
+            raise ValueError(f"Unknown method {self.method!r}; known methods: {', '.join(available_methods())}.")
+        if (self.keep_ratio is None) == (self.keep_tokens is None):
+            raise ValueError(
+                "Give exactly one of keep_ratio (in (0, 1]) or keep_tokens (>= 1); got "
+                f"keep_ratio={self.keep_ratio!r}, keep_tokens={self.keep_tokens!r}."
+            )
+        if self.keep_ratio is not None:
+            if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
+                raise TypeError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}.")
+            if not (0.0 < float(self.keep_ratio) <= 1.0) or math.isnan(float(self.keep_ratio)):
+                raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}.")
+            self.keep_ratio = float(self.keep_ratio)
+        if self.keep_tokens is not None:
+            if isinstance(self.keep_tokens, bool) or not isinstance(self.keep_tokens, int):
+                raise TypeError(f"keep_tokens must be an integer >= 1, got {self.keep_tokens!r}.")
+            if self.keep_tokens < 1:
+                raise ValueError(f"keep_tokens must be >= 1, got {self.keep_tokens!r}.")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise TypeError(f"layer must be an integer >= 1, got {self.layer!r}.")
+        if self.layer < 1:
+            raise ValueError(
+                f"layer must be in [1, num_hidden_layers - 1], got {self.layer}: layer 0 must see the full sequence."
+            )
+        if self.encoder not in ENCODER_CHOICES:
+            raise ValueError(f"encoder must be one of {ENCODER_CHOICES}, got {self.encoder!r}.")
+        if self.scoring not in SCORING_CHOICES:
+            raise ValueError(f"scoring must be one of {SCORING_CHOICES}, got {self.scoring!r}.")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise ValueError(f"encoder_hidden_size must be >= 1 or None, got {self.encoder_hidden_size!r}.")
+        if not (self.init_sigma > 0.0):
+            raise ValueError(f"init_sigma must be > 0, got {self.init_sigma!r}.")
+
+    def keep_count(self, num_visual: int) -> int:
+        """Visual tokens to keep out of ``num_visual`` (one pool).
+
+        Raises
+        ------
+        ValueError
+            If ``keep_tokens`` exceeds ``num_visual`` (nothing is silently clipped).
+        """
+        if num_visual <= 0:
+            return 0
+        if self.keep_tokens is not None:
+            if self.keep_tokens > num_visual:
+                raise ValueError(
+                    f"keep_tokens={self.keep_tokens} exceeds the {num_visual} visual tokens of this sample; "
+                    f"valid range is [1, {num_visual}] (or use keep_ratio)."
+                )
+            return self.keep_tokens
+        assert self.keep_ratio is not None
+        return max(1, round(self.keep_ratio * num_visual))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown CompressionConfig fields {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CompressionConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,130 @@
+"""DiViCo (paper Sec. III, Algorithm 1): top-k selection plus a disentangled, variational estimate of the
+information gap left by the removed visual tokens."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from divico.methods.base import CompressionMethod
+from divico.registry import register_method
+from divico.selection import TokenSelection
+
+if TYPE_CHECKING:
+    from divico.adapters.base import ModelAdapter
+
+
+class GapEncoder(nn.Module):
+    """g_theta: concat(v_s, v_p) (2d) -> two-layer MLP -> gap (d), with mu/sigma in the variational variant.
+
+    The output layer starts at zero weights, so an untrained encoder at inference adds exactly zero (FastV's output).
+
+    Parameters
+    ----------
+    hidden_size
+        d, the LLM hidden size.
+    encoder_hidden_size
+        Width of the hidden layer.
+    variational
+        True: outputs mu and log-sigma, samples ``mu + eps * sigma`` in training, uses ``mu`` in eval, and records
+        the KL term. False: a point estimate (Fig. 8 variant b).
+    init_sigma
+        sigma of an untrained variational encoder.
+    """
+
+    def __init__(self, hidden_size: int, encoder_hidden_size: int, variational: bool, init_sigma: float) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.variational = variational
+        self.fc1 = nn.Linear(2 * hidden_size, encoder_hidden_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(encoder_hidden_size, (2 if variational else 1) * hidden_size)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        if variational:
+            with torch.no_grad():
+                self.fc2.bias[hidden_size:] = math.log(init_sigma)
+        self.last_kl: torch.Tensor | None = None
+
+    def forward(self, selected: torch.Tensor, pooled_rest: torch.Tensor) -> torch.Tensor:
+        """Predict the gap for each kept visual token.
+
+        Parameters
+        ----------
+        selected
+            (R, d) kept visual tokens v_s.
+        pooled_rest
+            (R, d) mean of the removed visual tokens of each row's sample, v_p.
+
+        Returns
+        -------
+        torch.Tensor
+            (R, d) gap v_c' to add to ``selected``.
+        """
+        out = self.fc2(self.act(self.fc1(torch.cat([selected, pooled_rest], dim=-1))))
+        if not self.variational:
+            self.last_kl = None
+            return out
+        mu, log_sigma = out.split(self.hidden_size, dim=-1)
+        self.last_kl = gaussian_kl(mu, log_sigma)
+        if self.training:
+            return mu + torch.randn_like(mu) * log_sigma.exp()
+        return mu
+
+
+def gaussian_kl(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per dimension, averaged over tokens and dimensions.
+
+    ``0.5 * mean(mu^2 + sigma^2 - 1 - 2 log sigma)``; multiply by d for the per-token KL of Eq. 8.
+
+    Parameters
+    ----------
+    mu, log_sigma
+        (R, d) each.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar (0 when R = 0).
+    """
+    if mu.numel() == 0:
+        return mu.new_zeros(())
+    mu, log_sigma = mu.float(), log_sigma.float()
+    return 0.5 * (mu.pow(2) + (2 * log_sigma).exp() - 1.0 - 2 * log_sigma).mean()
+
+
+@register_method("divico")
+class DiViCo(CompressionMethod):
+    """v_c = v_s + g_theta(concat(v_s, mean(v_r))) for each kept visual token (``encoder="none"``: selection only)."""
+
+    def build_compressor(self, adapter: "ModelAdapter") -> nn.Module | None:
+        if self.config.encoder == "none":
+            return None
+        hidden = adapter.hidden_size()
+        return GapEncoder(
+            hidden_size=hidden,
+            encoder_hidden_size=self.config.encoder_hidden_size or hidden,
+            variational=self.config.encoder == "variational",
+            init_sigma=self.config.init_sigma,
+        )
+
+    def compress(
+        self, hidden_states: torch.Tensor, selection: TokenSelection, compressor: nn.Module | None
+    ) -> torch.Tensor:
+        kept = selection.gather(hidden_states, seq_dim=1, fill=0.0)
+        if compressor is None:
+            return kept
+        removed = selection.removed_visual
+        # v_p per sample: mean of the removed visual tokens (zero when nothing was removed).
+        counts = removed.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+        pooled = torch.einsum("bn,bnd->bd", removed.to(torch.float32), hidden_states.float()) / counts
+        rows = kept[selection.kept_visual]
+        sample_of_row = torch.arange(kept.shape[0], device=kept.device).unsqueeze(1).expand_as(selection.index)
+        pooled_rows = pooled.to(kept.dtype)[sample_of_row[selection.kept_visual]]
+        gap = compressor(rows, pooled_rows).to(kept.dtype)
+        full_gap = torch.zeros_like(kept)
+        full_gap[selection.kept_visual] = gap
+        return kept + full_gap

@@ -1,0 +1,397 @@
+"""The layer-K runtime: hooks that compress visual tokens inside an unmodified transformers model.
+
+Lifecycle (kvpress-style): :meth:`CompressionRuntime.attach` registers every hook, :meth:`detach` removes them
+all. No transformers code is copied or patched; the hooks only swap keyword arguments that the text model
+already passes to each decoder layer (hidden states, RoPE (cos, sin), position ids, attention mask).
+
+Per forward the runtime is in one of three phases, decided by a pre-hook on the top-level model:
+
+* ``prefill``: the prompt contains visual tokens and the cache is empty. Layer-level methods capture layer K-1's
+  q/k, score, select and compress in layer K's pre-hook; layers >= K get the compressed sequence; the final norm's
+  output is scattered back to the prompt length so logits (and a training loss) line up with ``input_ids``.
+  Input-level methods (DeCo) rewrite the inputs and pool features before the projector.
+* ``decode``: a later step on a cache this runtime filled; layers >= K (or all layers, for DeCo) get a mask sized
+  to their shorter cache. The selection of the prefill is reused.
+* ``passthrough``: anything else (no image): nothing changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from divico.adapters.base import ModelAdapter
+from divico.config import CompressionConfig
+from divico.methods.base import CompressionMethod, InputCompressionMethod
+from divico.report import CompressionReport
+from divico.scoring import LastTokenAttentionScorer
+from divico.selection import TokenSelection, positions_of
+
+_CACHE_KEYS = ("cache", "past_key_values")  # transformers >= 5.24 renamed past_key_values to cache
+_STATE_ATTR = "_divico_state"
+
+
+def _cache_from(kwargs: dict[str, Any]) -> Any:
+    for key in _CACHE_KEYS:
+        if kwargs.get(key) is not None:
+            return kwargs[key]
+    return None
+
+
+def _cache_length(cache: Any, layer_idx: int = 0) -> int:
+    return 0 if cache is None else int(cache.get_seq_length(layer_idx))
+
+
+@dataclass
+class _DecodeState:
+    """What later decode steps need from a compressed prefill; stored on the cache object it belongs to."""
+
+    owner: "CompressionRuntime"
+    prefill_length: int
+    compressed_mask_2d: torch.Tensor  # (B, M)
+    removed_count: torch.Tensor  # (B,)
+
+
+@dataclass
+class _Step:
+    """Transient state of one forward."""
+
+    phase: str
+    attention_mask_2d: torch.Tensor | None = None  # (B, N) as given to the model
+    visual: torch.Tensor | None = None  # (B, N)
+    selection: TokenSelection | None = None
+    compressed_mask_2d: torch.Tensor | None = None  # (B, M)
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    masks: dict[str, Any] = field(default_factory=dict)
+    decode: _DecodeState | None = None
+    full_length: int = 0
+
+
+class CompressionRuntime:
+    """Owns the hooks, the trainable compressor and the last report of one compressed model.
+
+    Parameters
+    ----------
+    model
+        Top-level transformers model (e.g. ``LlavaForConditionalGeneration``).
+    config
+        What to compress.
+    adapter
+        The model family's adapter.
+    method
+        Instance of the registered method named by ``config.method``.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: CompressionConfig, adapter: ModelAdapter, method: CompressionMethod
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.adapter = adapter
+        self.method = method
+        self.layer = config.layer if method.level == "layer" else 0
+        self.report: CompressionReport | None = None
+        self.compressor = method.build_compressor(adapter)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._step: _Step | None = None
+        self.scorer: LastTokenAttentionScorer | None = None
+        if method.level == "layer" and method.needs_scores:
+            self.scorer = LastTokenAttentionScorer(
+                adapter,
+                adapter.attention(self.layer - 1),
+                mode=config.scoring,
+                sliding_window=adapter.sliding_window(self.layer - 1),
+            )
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self.compressor is not None:
+            reference = next(self.adapter.text_model().parameters())
+            self.compressor.to(device=reference.device, dtype=reference.dtype)
+            self.compressor.train(self.model.training)
+            self.model.add_module("divico_compressor", self.compressor)
+        try:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True, prepend=True)
+            )
+            self._handles.append(
+                self.model.register_forward_hook(self._top_post_hook, with_kwargs=True, always_call=True)
+            )
+            if self.method.level == "layer":
+                if self.scorer is not None:
+                    self.scorer.register()
+                for idx in range(self.layer, self.adapter.num_layers()):
+                    layer = self.adapter.decoder_layers()[idx]
+                    hook = functools.partial(self._layer_pre_hook, idx)
+                    self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                self._handles.append(self.adapter.final_norm().register_forward_hook(self._final_norm_hook))
+            else:
+                # Input-level methods need no per-layer hook: the model itself sees a shorter prompt.
+                self._handles.append(self.adapter.projector().register_forward_pre_hook(self._projector_pre_hook))
+        except Exception:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.scorer is not None:
+            self.scorer.remove()
+        if "divico_compressor" in self.model._modules:
+            del self.model._modules["divico_compressor"]
+        self._step = None
+
+    # --- top level -------------------------------------------------------------------------------------------
+    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        cache = _cache_from(kwargs)
+        past = _cache_length(cache)
+        visual = self.adapter.visual_token_mask(input_ids, inputs_embeds)
+        decode_state = getattr(cache, _STATE_ATTR, None) if cache is not None else None
+        if attention_mask is not None and attention_mask.dim() != 2:
+            self._step = _Step(phase="passthrough")
+            if bool(visual.any()):
+                raise ValueError(
+                    f"divico needs a 2-D (batch, seq) attention_mask, got shape {tuple(attention_mask.shape)}."
+                )
+            return None
+        if bool(visual.any()):
+            if past > 0:
+                raise ValueError(
+                    f"The prompt has visual tokens but the cache already holds {past} tokens; divico compresses "
+                    "images in the prefill only. Start from an empty cache (or remove_compression first)."
+                )
+            if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
+                raise ValueError(
+                    "divico needs left padding (the last position of every sample must be a real token); "
+                    "set tokenizer/processor padding_side='left'."
+                )
+            if bool(visual[:, -1].any()):
+                raise ValueError("The last prompt token is a visual token; the prompt must end with text.")
+            self._step = _Step(phase="prefill", attention_mask_2d=attention_mask, visual=visual,
+                               full_length=visual.shape[1])
+            if isinstance(self.method, InputCompressionMethod):
+                return self._rewrite_inputs_for_prefill(args, kwargs, input_ids, visual)
+            if self.scorer is not None:
+                self.scorer.enabled = True
+            return None
+        if isinstance(decode_state, _DecodeState) and decode_state.owner is self and past > 0:
+            self._step = _Step(phase="decode", attention_mask_2d=attention_mask, decode=decode_state)
+            if isinstance(self.method, InputCompressionMethod):
+                return self._rewrite_inputs_for_decode(args, kwargs, decode_state, past)
+            return None
+        self._step = _Step(phase="passthrough")
+        return None
+
+    def _top_post_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        step, self._step = self._step, None
+        if self.scorer is not None:
+            self.scorer.enabled = False
+            self.scorer.clear()
+        if step is None or step.phase != "prefill" or step.selection is None:
+            return
+        cache = _cache_from(kwargs)
+        if cache is None and output is not None:
+            cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        if cache is not None:
+            removed = step.selection.removed_visual.sum(dim=1)
+            setattr(cache, _STATE_ATTR, _DecodeState(self, step.full_length, step.compressed_mask_2d, removed))
+
+    # --- input-level methods (DeCo) --------------------------------------------------------------------------
+    def _rewrite_inputs_for_prefill(
+        self, args: tuple, kwargs: dict[str, Any], input_ids: torch.Tensor | None, visual: torch.Tensor
+    ) -> tuple[tuple, dict] | None:
+        assert isinstance(self.method, InputCompressionMethod) and self._step is not None
+        per_image = self.adapter.tokens_per_image()
+        keep_per_image = self.method.tokens_per_image(per_image)
+        groups = self.adapter.visual_groups(input_ids, visual)
+        # Within each contiguous run, image i occupies positions [i*Nv, (i+1)*Nv); its first k slots hold the pool.
+        run_offset = _offset_within_run(visual)
+        keep = ~visual | ((run_offset % per_image) < keep_per_image)
+        selection = TokenSelection.from_keep_mask(keep, visual)
+        step = self._step
+        step.selection = selection
+        mask_2d = kwargs.get("attention_mask")
+        ones = torch.ones(visual.shape, dtype=torch.long, device=visual.device)
+        step.compressed_mask_2d = selection.gather(mask_2d if mask_2d is not None else ones, seq_dim=1, fill=0)
+        self._record_report(visual, None, selection, extra={"tokens_per_image": keep_per_image, "groups": groups})
+        if selection.is_identity:
+            return None
+        kwargs = dict(kwargs)
+        args = tuple(args)
+        if input_ids is not None:
+            pad_id = self.adapter.pad_token_id()
+            new_ids = selection.gather(input_ids, seq_dim=1, fill=pad_id)
+            if "input_ids" in kwargs or not args:
+                kwargs["input_ids"] = new_ids
+            else:
+                args = (new_ids,) + args[1:]
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = selection.gather(kwargs["inputs_embeds"], seq_dim=1, fill=0.0)
+        if mask_2d is not None or not bool(selection.valid.all()):
+            kwargs["attention_mask"] = step.compressed_mask_2d
+        if kwargs.get("position_ids") is not None:
+            removed_before = selection.removed_visual.long().cumsum(dim=1)
+            kwargs["position_ids"] = selection.gather(kwargs["position_ids"] - removed_before, seq_dim=-1, fill=0)
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = selection.gather(kwargs["labels"], seq_dim=1, fill=-100)
+        return args, kwargs
+
+    def _rewrite_inputs_for_decode(
+        self, args: tuple, kwargs: dict[str, Any], state: _DecodeState, past: int
+    ) -> tuple[tuple, dict]:
+        kwargs = dict(kwargs)
+        mask_2d = kwargs.get("attention_mask")
+        kwargs["attention_mask"] = self._decode_mask_2d(state, mask_2d, past, _query_length(args, kwargs))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] - state.removed_count.view(-1, 1)
+        return args, kwargs
+
+    def _projector_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        # Always pool: generate() encodes images before the prefill forward (``mm_encoder_outputs``).
+        assert isinstance(self.method, InputCompressionMethod)
+        features = args[0]
+        pooled = self.method.compress_features(features)
+        if pooled.shape[1] == features.shape[1]:
+            return None
+        return (pooled,) + tuple(args[1:])
+
+    # --- layer-level methods ---------------------------------------------------------------------------------
+    def _layer_pre_hook(
+        self, layer_idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict] | None:
+        step = self._step
+        if step is None or step.phase == "passthrough":
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = _cache_from(kwargs)
+        if step.phase == "prefill" and layer_idx == self.layer:
+            hidden = self._compress(hidden, kwargs, cache)
+        if step.phase == "decode" and not step.masks:
+            assert step.decode is not None
+            full_length = _cache_length(cache) + hidden.shape[1]
+            mask_2d = self._decode_mask_2d(step.decode, step.attention_mask_2d, full_length - hidden.shape[1],
+                                           hidden.shape[1])
+            self._build_masks(step, hidden, mask_2d, cache)
+        kwargs = dict(kwargs)
+        kwargs.update(step.layer_kwargs)
+        kwargs["attention_mask"] = step.masks[self.adapter.layer_mask_type(layer_idx)]
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return (), kwargs
+
+    def _compress(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
+        step = self._step
+        assert step is not None and step.visual is not None
+        visual = step.visual
+        batch, length = visual.shape
+        given_mask = step.attention_mask_2d
+        mask_2d = given_mask if given_mask is not None else torch.ones_like(visual, dtype=torch.long)
+        if self.scorer is not None:
+            scores = self.scorer.scores(kwargs["position_embeddings"], mask_2d)
+            self.scorer.enabled = False
+        else:
+            scores = torch.zeros(batch, length, device=hidden.device)
+        groups = self.adapter.visual_groups(None, visual)
+        keep = self.method.select(scores, visual, groups)
+        selection = TokenSelection.from_keep_mask(keep, visual)
+        compressed = self.method.compress(hidden, selection, self.compressor)
+        step.selection = selection
+        step.compressed_mask_2d = selection.gather(mask_2d, seq_dim=1, fill=0)
+        layer_kwargs: dict[str, Any] = {}
+        if kwargs.get("position_embeddings") is not None:
+            layer_kwargs["position_embeddings"] = self.adapter.gather_position_embeddings(
+                kwargs["position_embeddings"], selection.gather
+            )
+        if kwargs.get("position_ids") is not None:
+            layer_kwargs["position_ids"] = self.adapter.gather_position_ids(kwargs["position_ids"], selection.gather)
+        step.layer_kwargs = layer_kwargs
+        # Keep "no mask" when the caller gave none and nothing was padded: the kernel's is_causal path stays exact.
+        mask_for_layers = None if given_mask is None and bool(selection.valid.all()) else step.compressed_mask_2d
+        self._build_masks(step, compressed, mask_for_layers, cache)
+        kl = getattr(self.compressor, "last_kl", None) if self.compressor is not None else None
+        self._record_report(visual, scores, selection, kl=kl)
+        return compressed
+
+    def _build_masks(self, step: _Step, hidden: torch.Tensor, mask_2d: torch.Tensor | None, cache: Any) -> None:
+        """One mask per attention type of layers >= K, each sized from the first such layer's cache."""
+        for idx in range(self.layer, self.adapter.num_layers()):
+            kind = self.adapter.layer_mask_type(idx)
+            if kind not in step.masks:
+                step.masks[kind] = self.adapter.build_mask(kind, hidden, mask_2d, cache, idx)
+
+    def _decode_mask_2d(
+        self, state: _DecodeState, mask_2d: torch.Tensor | None, past: int, query_length: int
+    ) -> torch.Tensor:
+        """(B, M + new) mask for layers >= K: the prefill's compressed mask plus every column after the prompt."""
+        new_columns = past + query_length - (
+            state.prefill_length if not isinstance(self.method, InputCompressionMethod)
+            else state.compressed_mask_2d.shape[1]
+        )
+        if mask_2d is not None:
+            tail = mask_2d[:, mask_2d.shape[1] - new_columns:]
+        else:
+            tail = torch.ones(state.compressed_mask_2d.shape[0], new_columns, dtype=state.compressed_mask_2d.dtype,
+                              device=state.compressed_mask_2d.device)
+        return torch.cat([state.compressed_mask_2d, tail.to(state.compressed_mask_2d.dtype)], dim=1)
+
+    def _final_norm_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        step = self._step
+        if step is None or step.phase != "prefill" or step.selection is None or step.selection.is_identity:
+            return None
+        if output.shape[1] != step.selection.compressed_length:
+            return None
+        base = output.new_zeros(output.shape[0], step.selection.original_length, output.shape[2])
+        return step.selection.scatter_back(output, base)
+
+    # --- report ----------------------------------------------------------------------------------------------
+    def _record_report(
+        self,
+        visual: torch.Tensor,
+        scores: torch.Tensor | None,
+        selection: TokenSelection,
+        kl: torch.Tensor | None = None,
+        extra: dict[str, object] | None = None,
+    ) -> None:
+        visual_positions = positions_of(visual)
+        padded = visual_positions < 0
+        if scores is None:
+            visual_scores = torch.full(visual_positions.shape, float("nan"), device=visual.device)
+        else:
+            visual_scores = scores.float().gather(1, visual_positions.clamp(min=0)).masked_fill(padded, float("nan"))
+        self.report = CompressionReport(
+            method=self.config.method,
+            layer=self.layer,
+            visual_positions=visual_positions,
+            scores=visual_scores.detach(),
+            kept_positions=selection.kept_visual_positions(),
+            num_visual=visual.sum(dim=1),
+            num_kept=selection.kept_visual.sum(dim=1),
+            seq_len_before=selection.original_length,
+            seq_len_after=selection.compressed_length,
+            kl=kl,
+            extra=dict(extra or {}),
+        )
+
+
+def _offset_within_run(visual: torch.Tensor) -> torch.Tensor:
+    """(B, N) long: index of each visual token inside its contiguous run of visual tokens (0 elsewhere)."""
+    positions = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
+    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+    run_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    return torch.where(visual, positions - run_start, torch.zeros_like(positions))
+
+
+def _query_length(args: tuple, kwargs: dict[str, Any]) -> int:
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is not None:
+        return int(input_ids.shape[1])
+    return int(kwargs["inputs_embeds"].shape[1])

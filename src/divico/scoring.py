@@ -1,0 +1,110 @@
+"""Token scores: how much attention the last prompt token pays to each token at layer K-1.
+
+The score of visual token t is ``s_t = mean_h softmax(q_last . k_t * scaling)`` (paper Eq. 4). Instead of asking
+the model for its eager attention matrix (which forces ``attn_implementation="eager"`` and materialises
+(B, H, N, N)), forward hooks capture layer K-1's query/key projections and one (B, H, 1, N) product is computed
+here. ``full_attention`` reproduces the official FastV way (the whole matrix) for benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from divico.adapters.base import ModelAdapter
+
+
+class LastTokenAttentionScorer:
+    """Captures a layer's query/key projections and turns them into last-token attention scores.
+
+    Parameters
+    ----------
+    adapter
+        Model adapter: knows the attention module's q/k modules, head layout and RoPE.
+    attention
+        The self-attention module of layer K-1.
+    mode
+        ``"sdpa"`` (last row only) or ``"full_attention"`` (materialise the full causal matrix, FastV reference).
+    sliding_window
+        Window of layer K-1 if it is a sliding-window layer, else None.
+    """
+
+    def __init__(
+        self, adapter: "ModelAdapter", attention: nn.Module, mode: str, sliding_window: int | None = None
+    ) -> None:
+        self.adapter = adapter
+        self.attention = attention
+        self.mode = mode
+        self.sliding_window = sliding_window
+        self.enabled = False
+        self._query: torch.Tensor | None = None
+        self._key: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def register(self) -> None:
+        q_module, k_module = self.adapter.query_key_modules(self.attention)
+        self._handles.append(q_module.register_forward_hook(self._capture_query))
+        self._handles.append(k_module.register_forward_hook(self._capture_key))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self._query = None
+        self._key = None
+
+    def _capture_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.enabled:
+            # Only the last row is needed unless we reproduce the full-matrix reference.
+            self._query = output.detach() if self.mode == "full_attention" else output[:, -1:].detach()
+
+    def _capture_key(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.enabled:
+            self._key = output.detach()
+
+    def scores(
+        self, position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask_2d: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean-over-heads attention of the last token to every token.
+
+        Parameters
+        ----------
+        position_embeddings
+            (cos, sin) the layer received, each (B or 1, N, head_dim) (or the adapter's layout, e.g. mRoPE).
+        attention_mask_2d
+            (B, N) 1 for real tokens, 0 for padding (left padding).
+
+        Returns
+        -------
+        torch.Tensor
+            (B, N) float32 scores; padding positions get 0.
+        """
+        if self._query is None or self._key is None:
+            raise RuntimeError("No query/key was captured at layer K-1 for this forward; is the scorer enabled?")
+        layout = self.adapter.attention_layout(self.attention)
+        batch, length = self._key.shape[:2]
+        query = self._query.view(batch, self._query.shape[1], layout.num_heads, layout.head_dim).transpose(1, 2)
+        key = self._key.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+        query, key = self.adapter.apply_rope_to_query_key(self.attention, query, key, position_embeddings)
+        query = query.float()
+        key = key.float().repeat_interleave(layout.num_heads // layout.num_kv_heads, dim=1)
+        logits = torch.matmul(query, key.transpose(-1, -2)) * layout.scaling  # (B, H, Q, N)
+        keep = attention_mask_2d.bool()[:, None, None, :]
+        if self.sliding_window is not None:
+            distance = torch.arange(length, device=key.device)
+            keep = keep & ((length - 1 - distance) < self.sliding_window)[None, None, None, :]
+        if self.mode == "full_attention":
+            causal = torch.ones(length, length, dtype=torch.bool, device=key.device).tril()
+            keep = keep & causal[None, None]
+        logits = logits.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if self.mode == "full_attention":
+            probs = probs[:, :, -1:, :]
+        self.clear()
+        return probs[:, :, 0, :].mean(dim=1).nan_to_num(0.0)
