@@ -162,6 +162,12 @@ class CompressionRuntime:
                     f"divico needs a 2-D (batch, seq) attention_mask, got shape {tuple(attention_mask.shape)}."
                 )
             return None
+        # A cache this runtime filled: a decode step (a generated id may equal the image token id).
+        if isinstance(decode_state, _DecodeState) and decode_state.owner is self and past > 0:
+            self._step = _Step(phase="decode", attention_mask_2d=attention_mask, decode=decode_state)
+            if isinstance(self.method, InputCompressionMethod):
+                return self._rewrite_inputs_for_decode(args, kwargs, decode_state, past)
+            return None
         if bool(visual.any()):
             if past > 0:
                 raise ValueError(
@@ -181,11 +187,6 @@ class CompressionRuntime:
                 return self._rewrite_inputs_for_prefill(args, kwargs, input_ids, visual)
             if self.scorer is not None:
                 self.scorer.enabled = True
-            return None
-        if isinstance(decode_state, _DecodeState) and decode_state.owner is self and past > 0:
-            self._step = _Step(phase="decode", attention_mask_2d=attention_mask, decode=decode_state)
-            if isinstance(self.method, InputCompressionMethod):
-                return self._rewrite_inputs_for_decode(args, kwargs, decode_state, past)
             return None
         self._step = _Step(phase="passthrough")
         return None

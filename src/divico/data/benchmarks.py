@@ -1,0 +1,643 @@
+"""Five synthetic mini-benchmarks in the styles the paper evaluates, plus LLaVA training data.
+
+Each benchmark draws its own scenes (:mod:`divico.data.scenes`) and asks questions whose
+answers follow from the scene ground truth:
+
+=========  =================================================================  ================
+name       questions                                                          records / image
+=========  =================================================================  ================
+textvqa    text on signs ("What word is written in the image?") and          1
+           VQAv2-like counts/colours; 10 reference answers, VQA soft accuracy
+pope       "Is there a blue star in the image?"; for each of the split types  6
+           random / popular / adversarial one "yes" and one "no" question
+mme        a yes/no pair (one yes, one no) in subtask existence, count,       2
+           position, color or OCR (round robin over images)
+mmbench    4-option multiple choice; eval files hold every circular rotation  4 (1 for LLaVA)
+gqa        short relational answers ("What color is the shape directly to     1
+           the left of the triangle?"), exact match
+caption    "Describe the image." -> full scene description (training only)    1
+=========  =================================================================  ================
+
+:func:`write_benchmark_splits` writes, under ``out_dir``::
+
+    images/<split>/<set>/<scene seed>.png      rendered scenes
+    <benchmark>/<split>.jsonl                  eval records (one JSON object per line)
+    scenes/<split>.jsonl                       scene ground truth, keyed by image path
+    llava_train.json, llava_validation.json    LLaVA-format conversations
+    manifest.json                              seed, sizes, counts
+
+Scene seeds are ``((seed * 4 + split) * 8 + set) * 1_000_000 + index``, so splits and sets never
+share a scene and the same ``seed`` reproduces byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from divico.data.scenes import (
+    COLOR_SYNONYMS,
+    COLORS,
+    POSITION_NAMES,
+    SHAPE_PLURALS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    generate_scene,
+    object_prior,
+    random_sign_text,
+    render_scene,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "SPLITS",
+    "TRAINING_SETS",
+    "DEFAULT_SIZES",
+    "SMALL_SIZES",
+    "SHORT_ANSWER_HINT",
+    "OPTION_HINT",
+    "CAPTION_PROMPT",
+    "MME_SUBTASKS",
+    "MMBENCH_CATEGORIES",
+    "build_prompt",
+    "training_target",
+    "write_benchmark_splits",
+    "load_eval_records",
+    "load_scenes",
+    "load_llava_conversations",
+]
+
+BENCHMARKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "gqa")
+TRAINING_SETS: tuple[str, ...] = (*BENCHMARKS, "caption")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
+OPTION_HINT = "Answer with the option's letter from the given choices directly."
+CAPTION_PROMPT = "Describe the image."
+MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color", "ocr")
+MMBENCH_CATEGORIES: tuple[str, ...] = ("color", "count", "position", "ocr", "shape")
+POPE_SPLIT_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
+_OPTION_LETTERS = "ABCD"
+
+# Number of IMAGES per split and set (records per image: see the module docstring). The defaults
+# give ~4,100 training conversations and ~200 test questions per benchmark (MMBench: 100
+# questions asked in 4 rotations; MME: 60 images x 2).
+DEFAULT_SIZES: dict[str, dict[str, int]] = {
+    "train": {"textvqa": 800, "pope": 134, "mme": 300, "mmbench": 700, "gqa": 700,
+              "caption": 500},
+    "validation": {"textvqa": 100, "pope": 17, "mme": 30, "mmbench": 50, "gqa": 100,
+                   "caption": 50},
+    "test": {"textvqa": 200, "pope": 34, "mme": 60, "mmbench": 100, "gqa": 200, "caption": 0},
+}
+SMALL_SIZES: dict[str, dict[str, int]] = {
+    "train": {"textvqa": 6, "pope": 2, "mme": 5, "mmbench": 5, "gqa": 6, "caption": 4},
+    "validation": {"textvqa": 3, "pope": 1, "mme": 5, "mmbench": 2, "gqa": 3, "caption": 2},
+    "test": {"textvqa": 5, "pope": 2, "mme": 5, "mmbench": 3, "gqa": 5, "caption": 0},
+}
+_SCENES_PER_SET_LIMIT = 1_000_000
+_MAX_SCENE_ATTEMPTS = 1000
+# Scene options per set: text questions need signs, the others see a mix.
+_SCENE_OPTIONS: dict[str, dict[str, Any]] = {
+    "textvqa": {"sign_count_weights": (0.1, 0.6, 0.3)},
+    "pope": {"sign_count_weights": (0.6, 0.3, 0.1)},
+    "mme": {"sign_count_weights": (0.4, 0.4, 0.2)},
+    "mmbench": {"sign_count_weights": (0.4, 0.4, 0.2)},
+    "gqa": {"min_objects": 3, "sign_count_weights": (0.6, 0.3, 0.1)},
+    "caption": {},
+}
+
+Question = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers over scenes
+# --------------------------------------------------------------------------------------------
+
+
+def _number_word(n: int) -> str:
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    return words[n]
+
+
+def _unique_by_shape(scene: Scene) -> list[SceneObject]:
+    return [o for o in scene.objects if scene.count(shape=o.shape) == 1]
+
+
+def _unique_by_name(scene: Scene) -> list[SceneObject]:
+    return [o for o in scene.objects if scene.count(shape=o.shape, color=o.color) == 1]
+
+
+def _distractor_text(text: str, rng: random.Random, avoid: Sequence[str]) -> str:
+    """A sign text that differs from ``text`` (often by one character, the hard case)."""
+    while True:
+        if rng.random() < 0.6:
+            index = rng.randrange(len(text))
+            letter = rng.choice("ABCDEFGHJKLMNPRSTUVWXYZ")
+            candidate = text[:index] + letter + text[index + 1:]
+        else:
+            candidate = random_sign_text(rng)
+        if candidate != text and candidate not in avoid:
+            return candidate
+
+
+def _yes_no_pair(yes_question: str, no_question: str) -> list[Question]:
+    return [{"question": yes_question, "answer": "yes"}, {"question": no_question, "answer": "no"}]
+
+
+# --------------------------------------------------------------------------------------------
+# Question makers: (scene, rng, image_index) -> questions, or None when the scene does not fit
+# --------------------------------------------------------------------------------------------
+
+
+def _textvqa_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    if scene.signs and rng.random() < 0.7:
+        sign = rng.choice(scene.signs)
+        if len(scene.signs) == 1:
+            question = rng.choice((
+                "What word is written in the image?", "What does the sign say?",
+                "What is written on the sign?"))
+        else:
+            question = f"What is written on the {sign.color} sign?"
+        return [{"question": question, "answers": [sign.text.lower()] * 10, "category": "ocr"}]
+    unique = _unique_by_shape(scene)
+    if unique and rng.random() < 0.5:
+        obj = rng.choice(unique)
+        synonym = COLOR_SYNONYMS.get(obj.color)
+        answers = [obj.color] * 7 + [synonym or obj.color] * 3
+        return [{"question": f"What color is the {obj.shape}?", "answers": answers,
+                 "category": "color"}]
+    if rng.random() < 0.5:
+        color = rng.choice([o.color for o in scene.objects])
+        count = scene.count(color=color)
+        question = f"How many {color} shapes are there?"
+    else:
+        # Mostly shapes that are present; sometimes an absent one (answer 0).
+        shape = rng.choice([o.shape for o in scene.objects] + [rng.choice(SHAPES)])
+        count = scene.count(shape=shape)
+        question = f"How many {SHAPE_PLURALS[shape]} are there?"
+    # Humans answer counts both as digits and as words; VQA normalisation maps both to digits.
+    answers = [str(count)] * 7 + [_number_word(count)] * 3
+    return [{"question": question, "answers": answers, "category": "count"}]
+
+
+def _pope_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    present = sorted({(o.color, o.shape) for o in scene.objects})
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    present_shapes = {s for _, s in present}
+    present_colors = {c for c, _ in present}
+    by_popularity = sorted(absent, key=lambda cs: (-object_prior(*cs), cs))
+    same_shape = [cs for cs in absent if cs[1] in present_shapes]
+    same_color = [cs for cs in absent if cs[0] in present_colors]
+    negatives = {
+        "random": rng.choice(absent),
+        # POPE "popular": among the most frequent objects of the dataset that are absent here.
+        "popular": rng.choice(by_popularity[:3]),
+        # POPE "adversarial": objects that co-occur with what is shown; here a shown shape in
+        # another colour (or a shown colour on another shape).
+        "adversarial": rng.choice(same_shape or same_color),
+    }
+    questions = []
+    for split_type in POPE_SPLIT_TYPES:
+        positive = rng.choice(present)
+        negative = negatives[split_type]
+        for question in _yes_no_pair(f"Is there a {positive[0]} {positive[1]} in the image?",
+                                     f"Is there a {negative[0]} {negative[1]} in the image?"):
+            question["split_type"] = split_type
+            question["category"] = split_type
+            questions.append(question)
+    return questions
+
+
+def _count_question(count: int, shape: str) -> str:
+    noun = shape if count == 1 else SHAPE_PLURALS[shape]
+    verb = "Is there" if count == 1 else "Are there"
+    return f"{verb} exactly {_number_word(count)} {noun} in this image?"
+
+
+def _mme_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    subtask = MME_SUBTASKS[index % len(MME_SUBTASKS)]
+    pair: list[Question] | None = None
+    if subtask == "existence":
+        present = sorted({o.shape for o in scene.objects})
+        absent = [s for s in SHAPES if s not in present]
+        if absent:
+            pair = _yes_no_pair(f"Is there a {rng.choice(present)} in this image?",
+                                f"Is there a {rng.choice(absent)} in this image?")
+    elif subtask == "count":
+        shape = rng.choice([o.shape for o in scene.objects])
+        count = scene.count(shape=shape)
+        wrong = count + 1 if count == 1 or rng.random() < 0.5 else count - 1
+        pair = _yes_no_pair(_count_question(count, shape), _count_question(wrong, shape))
+    elif subtask == "position":
+        candidates = [o for o in _unique_by_name(scene) if (o.row, o.col) != (1, 1)]
+        if candidates:
+            obj = rng.choice(candidates)
+            if obj.col != 1:
+                side, other = ("left", "right") if obj.col == 0 else ("right", "left")
+                template = "Is the {name} on the {side} side of this image?"
+            else:
+                side, other = ("top", "bottom") if obj.row == 0 else ("bottom", "top")
+                template = "Is the {name} in the {side} part of this image?"
+            pair = _yes_no_pair(template.format(name=obj.name, side=side),
+                                template.format(name=obj.name, side=other))
+    elif subtask == "color":
+        unique = _unique_by_shape(scene)
+        if unique:
+            obj = rng.choice(unique)
+            wrong_color = rng.choice([c for c in COLORS if c != obj.color])
+            pair = _yes_no_pair(f"Is the {obj.shape} in this image {obj.color}?",
+                                f"Is the {obj.shape} in this image {wrong_color}?")
+    elif subtask == "ocr" and scene.signs:
+        sign = rng.choice(scene.signs)
+        texts = [s.text for s in scene.signs]
+        wrong_text = _distractor_text(sign.text, rng, texts)
+        pair = _yes_no_pair(f'Is the word "{sign.text}" written in this image?',
+                            f'Is the word "{wrong_text}" written in this image?')
+    if pair is None:
+        return None
+    for question in pair:
+        question["question"] += " Please answer yes or no."
+        question["subtask"] = subtask
+        question["category"] = subtask
+    return pair
+
+
+def _mmbench_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    category = MMBENCH_CATEGORIES[index % len(MMBENCH_CATEGORIES)]
+    correct: str
+    wrong: list[str]
+    if category == "color":
+        unique = _unique_by_shape(scene)
+        if not unique:
+            return None
+        obj = rng.choice(unique)
+        question, correct = f"What color is the {obj.shape}?", obj.color
+        wrong = rng.sample([c for c in COLORS if c != obj.color], 3)
+    elif category == "count":
+        shape = rng.choice([o.shape for o in scene.objects])
+        count = scene.count(shape=shape)
+        question, correct = f"How many {SHAPE_PLURALS[shape]} are in the image?", str(count)
+        nearby = [n for n in range(max(0, count - 3), count + 4) if n != count]
+        wrong = [str(n) for n in rng.sample(nearby, 3)]
+    elif category == "position":
+        unique = _unique_by_name(scene)
+        if not unique:
+            return None
+        obj = rng.choice(unique)
+        question = f"Where is the {obj.name} in the image?"
+        correct = obj.position
+        wrong = rng.sample([p for p in POSITION_NAMES if p != correct], 3)
+    elif category == "ocr":
+        if not scene.signs:
+            return None
+        sign = rng.choice(scene.signs)
+        question = ("What text is shown on the sign?" if len(scene.signs) == 1
+                    else f"What text is shown on the {sign.color} sign?")
+        correct = sign.text
+        wrong = []
+        while len(wrong) < 3:
+            wrong.append(_distractor_text(sign.text, rng, [correct, *wrong]))
+    else:  # "shape": the colour must pick out one object
+        unique = [o for o in scene.objects if scene.count(color=o.color) == 1]
+        if not unique:
+            return None
+        obj = rng.choice(unique)
+        question, correct = f"What is the shape of the {obj.color} object?", obj.shape
+        wrong = rng.sample([s for s in SHAPES if s != obj.shape], 3)
+    options = [correct, *wrong]
+    rng.shuffle(options)
+    return [{"question": question, "options": options,
+             "answer": _OPTION_LETTERS[options.index(correct)], "category": category}]
+
+
+def _gqa_candidates(scene: Scene) -> dict[str, list[tuple[str, str]]]:
+    candidates: dict[str, list[tuple[str, str]]] = {
+        "relation_color": [], "relation_shape": [], "left_right": [], "above_below": []}
+    for target in _unique_by_shape(scene):
+        for direction, step in (("left", -1), ("right", 1)):
+            # "directly to the left" = the same row; asked only when one shape qualifies.
+            row_mates = [o for o in scene.objects
+                         if o.row == target.row and (o.col - target.col) * step > 0]
+            if len(row_mates) == 1:
+                candidates["relation_color"].append((
+                    f"What color is the shape directly to the {direction} of the "
+                    f"{target.shape}?", row_mates[0].color))
+    unique_names = _unique_by_name(scene)
+    for target in unique_names:
+        for direction, step in (("above", -1), ("below", 1)):
+            column_mates = [o for o in scene.objects
+                            if o.col == target.col and (o.row - target.row) * step > 0]
+            if len(column_mates) == 1:
+                candidates["relation_shape"].append((
+                    f"What shape is directly {direction} the {target.name}?",
+                    column_mates[0].shape))
+    for first in unique_names:
+        for second in unique_names:
+            if first is second:
+                continue
+            if first.col != second.col:
+                candidates["left_right"].append((
+                    f"Is the {first.name} to the left or to the right of the {second.name}?",
+                    "left" if first.col < second.col else "right"))
+            if first.row != second.row:
+                candidates["above_below"].append((
+                    f"Is the {first.name} above or below the {second.name}?",
+                    "above" if first.row < second.row else "below"))
+    return {category: found for category, found in candidates.items() if found}
+
+
+def _gqa_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    candidates = _gqa_candidates(scene)
+    if not candidates:
+        return None
+    category = rng.choice(sorted(candidates))
+    question, answer = rng.choice(candidates[category])
+    return [{"question": question, "answer": answer, "category": category}]
+
+
+def _caption_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    return [{"question": CAPTION_PROMPT, "answer": scene.describe(), "category": "caption"}]
+
+
+_QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, int], list[Question] | None]] = {
+    "textvqa": _textvqa_questions,
+    "pope": _pope_questions,
+    "mme": _mme_questions,
+    "mmbench": _mmbench_questions,
+    "gqa": _gqa_questions,
+    "caption": _caption_questions,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
+
+
+def build_prompt(record: Mapping[str, Any]) -> str:
+    """The user text to send with the image for one record (no ``<image>`` placeholder).
+
+    Multiple choice gets ``"A. ..."`` option lines and LLaVA-1.5's letter hint; captions get
+    ``"Describe the image."``; all other questions get LLaVA-1.5's short-answer hint.
+
+    Parameters
+    ----------
+    record : Mapping[str, Any]
+        An eval record (needs ``benchmark`` and ``question``; ``options`` for mmbench).
+
+    Returns
+    -------
+    str
+        The prompt text.
+    """
+    missing = [key for key in ("benchmark", "question") if key not in record]
+    if missing:
+        raise ValueError(f"record lacks {missing}; got keys {sorted(record)}")
+    benchmark = record["benchmark"]
+    if benchmark == "caption":
+        return CAPTION_PROMPT
+    if benchmark == "mmbench":
+        options = record.get("options")
+        if not options:
+            raise ValueError(f"mmbench record {record.get('id')!r} has no options")
+        lines = [f"{_OPTION_LETTERS[i]}. {option}" for i, option in enumerate(options)]
+        return "\n".join([record["question"], *lines, OPTION_HINT])
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; valid: {list(TRAINING_SETS)}")
+    return f"{record['question']}\n{SHORT_ANSWER_HINT}"
+
+
+def training_target(record: Mapping[str, Any]) -> str:
+    """The assistant answer used to train on ``record`` (first reference for textvqa)."""
+    if "answers" in record:
+        return str(record["answers"][0])
+    return str(record["answer"])
+
+
+# --------------------------------------------------------------------------------------------
+# Writing and loading
+# --------------------------------------------------------------------------------------------
+
+
+def _scene_seed(seed: int, split: str, set_name: str, index: int) -> int:
+    if index >= _SCENES_PER_SET_LIMIT:
+        raise ValueError(
+            f"scene index {index} of {split}/{set_name} exceeds {_SCENES_PER_SET_LIMIT - 1}")
+    split_index = SPLITS.index(split)
+    set_index = TRAINING_SETS.index(set_name)
+    return ((seed * len(SPLITS) + split_index) * 8 + set_index) * _SCENES_PER_SET_LIMIT + index
+
+
+def _resolve_sizes(sizes: Mapping[str, Mapping[str, int]] | None) -> dict[str, dict[str, int]]:
+    resolved = {split: dict(DEFAULT_SIZES[split]) for split in SPLITS}
+    for split, per_set in (sizes or {}).items():
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} in sizes; valid: {list(SPLITS)}")
+        for set_name, count in per_set.items():
+            if set_name not in TRAINING_SETS:
+                raise ValueError(
+                    f"unknown set {set_name!r} in sizes[{split!r}]; valid: {list(TRAINING_SETS)}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(
+                    f"sizes[{split!r}][{set_name!r}] must be an int >= 0, got {count!r}")
+            resolved[split][set_name] = count
+    return resolved
+
+
+def _expand_circular(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """All rotations of a multiple-choice record (MMBench circular evaluation)."""
+    from divico.metrics import rotate_options
+
+    expanded = []
+    for shift in range(len(record["options"])):
+        options, answer = rotate_options(record["options"], record["answer"], shift)
+        expanded.append({**record, "id": f"{record['id']}-r{shift}", "options": options,
+                         "answer": answer, "circular_group": record["id"], "rotation": shift})
+    return expanded
+
+
+def _build_set(
+    set_name: str, split: str, n_images: int, seed: int, image_size: int, out_dir: Path,
+    progress: tqdm,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    make_questions = _QUESTION_MAKERS[set_name]
+    records: list[dict[str, Any]] = []
+    scenes: list[dict[str, Any]] = []
+    image_dir = out_dir / "images" / split / set_name
+    image_dir.mkdir(parents=True, exist_ok=True)
+    scene_index = 0
+    for image_index in range(n_images):
+        for _attempt in range(_MAX_SCENE_ATTEMPTS):
+            scene_seed = _scene_seed(seed, split, set_name, scene_index)
+            scene_index += 1
+            scene = generate_scene(scene_seed, **_SCENE_OPTIONS[set_name])
+            # A string seed is hashed with SHA-512 by `random`, stable across processes.
+            questions = make_questions(scene, random.Random(f"questions-{scene_seed}"),
+                                       image_index)
+            if questions:
+                break
+        else:
+            raise RuntimeError(
+                f"no scene out of {_MAX_SCENE_ATTEMPTS} suits {set_name} question {image_index}")
+        image_path = f"images/{split}/{set_name}/{scene_seed}.png"
+        render_scene(scene, image_size).save(out_dir / image_path, format="PNG")
+        scenes.append({"image": image_path, "scene": scene.to_dict()})
+        for question_index, question in enumerate(questions):
+            record = {
+                "id": f"{set_name}-{split}-{image_index:05d}-{question_index}",
+                "benchmark": set_name,
+                "split": split,
+                "image": image_path,
+                "scene_seed": scene_seed,
+                **question,
+            }
+            records.extend(_expand_circular(record) if set_name == "mmbench" else [record])
+        progress.update(1)
+    return records, scenes
+
+
+def _llava_conversation(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "image": record["image"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n" + build_prompt(record)},
+            {"from": "gpt", "value": training_target(record)},
+        ],
+    }
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        json.dump(data, handle, ensure_ascii=False, indent=1)
+        handle.write("\n")
+
+
+def write_benchmark_splits(
+    out_dir: str | Path,
+    seed: int = 0,
+    sizes: Mapping[str, Mapping[str, int]] | None = None,
+    image_size: int = 168,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Generate every benchmark split, the LLaVA training files and the scene ground truth.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Output folder (created; existing files of the same names are overwritten).
+    seed : int
+        Non-negative base seed; equal seeds give byte-identical files.
+    sizes : Mapping[str, Mapping[str, int]], optional
+        Number of images per ``split -> set`` (sets: the benchmarks and ``caption``), overriding
+        :data:`DEFAULT_SIZES` entry by entry; :data:`SMALL_SIZES` is a tiny preset.
+    image_size : int
+        Side of the square images in pixels (>= 64).
+    show_progress : bool
+        Show a tqdm bar over images.
+
+    Returns
+    -------
+    dict
+        The manifest also written to ``out_dir/manifest.json``: ``seed``, ``image_size``,
+        ``sizes`` and ``counts`` (records per ``split -> set``, conversations per LLaVA file).
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if not isinstance(image_size, int) or image_size < 64:
+        raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
+    resolved = _resolve_sizes(sizes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, Any] = {}
+    total_images = sum(sum(per_set.values()) for per_set in resolved.values())
+    with tqdm(total=total_images, desc="rendering scenes", unit="img",
+              disable=not show_progress) as progress:
+        for split in SPLITS:
+            split_scenes: list[dict[str, Any]] = []
+            conversations: list[dict[str, Any]] = []
+            counts[split] = {}
+            for set_name in TRAINING_SETS:
+                records, scenes = _build_set(set_name, split, resolved[split][set_name], seed,
+                                             image_size, out, progress)
+                split_scenes += scenes
+                counts[split][set_name] = len(records)
+                if set_name in BENCHMARKS:
+                    _write_jsonl(out / set_name / f"{split}.jsonl", records)
+                # Training sees each multiple-choice question once, in its generated order.
+                conversations += [_llava_conversation(r) for r in records
+                                  if r.get("rotation", 0) == 0]
+            _write_jsonl(out / "scenes" / f"{split}.jsonl", split_scenes)
+            if split != "test":
+                random.Random(f"llava-{seed}-{split}").shuffle(conversations)
+                _write_json(out / f"llava_{split}.json", conversations)
+                counts[f"llava_{split}"] = len(conversations)
+    manifest = {"seed": seed, "image_size": image_size, "sizes": resolved, "counts": counts}
+    _write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_eval_records(data_dir: str | Path, benchmark: str, split: str) -> list[dict[str, Any]]:
+    """Eval records of one benchmark split written by :func:`write_benchmark_splits`.
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        The ``out_dir`` given to :func:`write_benchmark_splits`.
+    benchmark : str
+        One of :data:`BENCHMARKS`.
+    split : str
+        One of :data:`SPLITS`.
+
+    Returns
+    -------
+    list[dict]
+        Records in file order; ``image`` paths are relative to ``data_dir``.
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; valid: {list(BENCHMARKS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+    path = Path(data_dir) / benchmark / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no eval file {path}; generate it with `divico make-data --out {data_dir}`")
+    return _read_jsonl(path)
+
+
+def load_scenes(data_dir: str | Path, split: str) -> dict[str, Scene]:
+    """Scene ground truth of one split, keyed by image path (relative to ``data_dir``)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {list(SPLITS)}")
+    path = Path(data_dir) / "scenes" / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no scene file {path}")
+    return {row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(path)}
+
+
+def load_llava_conversations(data_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """LLaVA-format conversations (``train`` or ``validation``) written by this module."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"LLaVA files exist for 'train' and 'validation', got {split!r}")
+    path = Path(data_dir) / f"llava_{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no LLaVA file {path}")
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)

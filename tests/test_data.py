@@ -1,0 +1,313 @@
+"""Synthetic benchmark generation: determinism, disjoint splits, answers that match the scenes."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from divico.cli import main
+from divico.data import (
+    BENCHMARKS,
+    SMALL_SIZES,
+    SPLITS,
+    Scene,
+    build_prompt,
+    load_eval_records,
+    load_llava_conversations,
+    load_scenes,
+    write_benchmark_splits,
+)
+from divico.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
+from divico.data.scenes import COLORS, SHAPE_PLURALS, SHAPES, generate_scene, render_scene
+from divico.metrics import score_benchmark
+
+_PLURAL_TO_SHAPE = {plural: shape for shape, plural in SHAPE_PLURALS.items()}
+_WORD_TO_NUMBER = {w: i for i, w in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))}
+# More test images than SMALL_SIZES so every question template is exercised.
+_CONSISTENCY_SIZES = {
+    "train": {name: 0 for name in (*BENCHMARKS, "caption")},
+    "validation": {name: 0 for name in (*BENCHMARKS, "caption")},
+    "test": {"textvqa": 60, "pope": 20, "mme": 40, "mmbench": 40, "gqa": 60, "caption": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def small_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Two seed-0 runs and one seed-1 run of the small preset."""
+    dirs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path_factory.mktemp(name)
+        write_benchmark_splits(out, seed=seed, sizes=SMALL_SIZES, show_progress=False)
+        dirs.append(out)
+    return dirs[0], dirs[1], dirs[2]
+
+
+@pytest.fixture(scope="module")
+def consistency_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("consistency")
+    write_benchmark_splits(out, seed=3, sizes=_CONSISTENCY_SIZES, show_progress=False)
+    return out
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_files(small_dirs: tuple[Path, Path, Path]) -> None:
+    first, second, other_seed = small_dirs
+    digests_first = _file_digests(first)
+    assert any(name.endswith(".jsonl") for name in digests_first)
+    assert any(name.endswith(".png") for name in digests_first)
+    assert digests_first == _file_digests(second)
+    json_first = {k: v for k, v in digests_first.items() if k.endswith(".jsonl")}
+    json_other = {k: v for k, v in _file_digests(other_seed).items() if k.endswith(".jsonl")}
+    assert json_first.keys() == json_other.keys()
+    assert all(json_first[k] != json_other[k] for k in json_first)
+
+
+def test_splits_are_disjoint(small_dirs: tuple[Path, Path, Path]) -> None:
+    root = small_dirs[0]
+    seeds_by_split = {s: {scene.seed for scene in load_scenes(root, s).values()} for s in SPLITS}
+    pixels_by_split = {
+        s: {hashlib.sha256(Image.open(root / image).tobytes()).hexdigest()
+            for image in load_scenes(root, s)}
+        for s in SPLITS
+    }
+    for i, split_a in enumerate(SPLITS):
+        for split_b in SPLITS[i + 1:]:
+            assert not seeds_by_split[split_a] & seeds_by_split[split_b]
+            assert not pixels_by_split[split_a] & pixels_by_split[split_b]
+    for split in SPLITS:
+        ids = [r["id"] for b in BENCHMARKS for r in load_eval_records(root, b, split)]
+        assert len(ids) == len(set(ids))
+
+
+def _by_name(scene: Scene, name: str) -> Any:
+    color, shape = name.split(" ")
+    matches = [o for o in scene.objects if o.color == color and o.shape == shape]
+    assert len(matches) == 1, f"{name} does not identify one object"
+    return matches[0]
+
+
+def _only_shape(scene: Scene, shape: str) -> Any:
+    matches = [o for o in scene.objects if o.shape == shape]
+    assert len(matches) == 1, f"{shape} does not identify one object"
+    return matches[0]
+
+
+def _sign_text(scene: Scene, question: str) -> str:
+    colored = re.search(r"on the (\w+) sign", question)
+    if colored:
+        return next(s.text for s in scene.signs if s.color == colored.group(1))
+    assert len(scene.signs) == 1
+    return scene.signs[0].text
+
+
+def _expected_textvqa(scene: Scene, question: str) -> str:
+    if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
+        return str(scene.count(color=m.group(1)))
+    if m := re.fullmatch(r"How many (\w+) are there\?", question):
+        return str(scene.count(shape=_PLURAL_TO_SHAPE[m.group(1)]))
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        return _only_shape(scene, m.group(1)).color
+    return _sign_text(scene, question).lower()
+
+
+def _expected_yes_no(scene: Scene, question: str) -> str:
+    question = question.removesuffix(" Please answer yes or no.")
+    if m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question):
+        return "yes" if scene.count(color=m.group(1), shape=m.group(2)) else "no"
+    if m := re.fullmatch(r"Is there a (\w+) in this image\?", question):
+        return "yes" if scene.count(shape=m.group(1)) else "no"
+    if m := re.fullmatch(r"(?:Is|Are) there exactly (\w+) (\w+) in this image\?", question):
+        shape = _PLURAL_TO_SHAPE.get(m.group(2), m.group(2))
+        return "yes" if scene.count(shape=shape) == _WORD_TO_NUMBER[m.group(1)] else "no"
+    if m := re.fullmatch(r"Is the (\w+ \w+) on the (left|right) side of this image\?", question):
+        col = _by_name(scene, m.group(1)).col
+        return "yes" if col == {"left": 0, "right": 2}[m.group(2)] else "no"
+    if m := re.fullmatch(r"Is the (\w+ \w+) in the (top|bottom) part of this image\?", question):
+        row = _by_name(scene, m.group(1)).row
+        return "yes" if row == {"top": 0, "bottom": 2}[m.group(2)] else "no"
+    if m := re.fullmatch(r"Is the (\w+) in this image (\w+)\?", question):
+        return "yes" if _only_shape(scene, m.group(1)).color == m.group(2) else "no"
+    if m := re.fullmatch(r'Is the word "(\w+)" written in this image\?', question):
+        return "yes" if m.group(1) in {s.text for s in scene.signs} else "no"
+    raise AssertionError(f"unrecognised question {question!r}")
+
+
+def _expected_mmbench(scene: Scene, question: str) -> str:
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        return _only_shape(scene, m.group(1)).color
+    if m := re.fullmatch(r"How many (\w+) are in the image\?", question):
+        return str(scene.count(shape=_PLURAL_TO_SHAPE[m.group(1)]))
+    if m := re.fullmatch(r"Where is the (\w+ \w+) in the image\?", question):
+        return _by_name(scene, m.group(1)).position
+    if m := re.fullmatch(r"What is the shape of the (\w+) object\?", question):
+        matches = [o for o in scene.objects if o.color == m.group(1)]
+        assert len(matches) == 1
+        return matches[0].shape
+    return _sign_text(scene, question)
+
+
+def _expected_gqa(scene: Scene, question: str) -> str:
+    if m := re.fullmatch(r"What color is the shape directly to the (left|right) of the (\w+)\?",
+                         question):
+        target = _only_shape(scene, m.group(2))
+        step = -1 if m.group(1) == "left" else 1
+        mates = [o for o in scene.objects
+                 if o.row == target.row and (o.col - target.col) * step > 0]
+        assert len(mates) == 1
+        return mates[0].color
+    if m := re.fullmatch(r"What shape is directly (above|below) the (\w+ \w+)\?", question):
+        target = _by_name(scene, m.group(2))
+        step = -1 if m.group(1) == "above" else 1
+        mates = [o for o in scene.objects
+                 if o.col == target.col and (o.row - target.row) * step > 0]
+        assert len(mates) == 1
+        return mates[0].shape
+    if m := re.fullmatch(r"Is the (\w+ \w+) to the left or to the right of the (\w+ \w+)\?",
+                         question):
+        return "left" if _by_name(scene, m.group(1)).col < _by_name(scene, m.group(2)).col \
+            else "right"
+    if m := re.fullmatch(r"Is the (\w+ \w+) above or below the (\w+ \w+)\?", question):
+        return "above" if _by_name(scene, m.group(1)).row < _by_name(scene, m.group(2)).row \
+            else "below"
+    raise AssertionError(f"unrecognised question {question!r}")
+
+
+def test_answers_follow_from_scene_ground_truth(consistency_dir: Path) -> None:
+    scenes = load_scenes(consistency_dir, "test")
+    for record in load_eval_records(consistency_dir, "textvqa", "test"):
+        expected = _expected_textvqa(scenes[record["image"]], record["question"])
+        assert record["answers"][0] == expected and len(record["answers"]) == 10
+    for benchmark in ("pope", "mme"):
+        for record in load_eval_records(consistency_dir, benchmark, "test"):
+            assert record["answer"] == _expected_yes_no(scenes[record["image"]],
+                                                        record["question"]), record
+    for record in load_eval_records(consistency_dir, "mmbench", "test"):
+        correct = record["options"]["ABCD".index(record["answer"])]
+        assert correct == _expected_mmbench(scenes[record["image"]], record["question"]), record
+        assert len(set(record["options"])) == 4
+    for record in load_eval_records(consistency_dir, "gqa", "test"):
+        assert record["answer"] == _expected_gqa(scenes[record["image"]], record["question"])
+
+
+def test_categories_and_mmbench_rotations(consistency_dir: Path) -> None:
+    textvqa = Counter(r["category"] for r in load_eval_records(consistency_dir, "textvqa", "test"))
+    assert set(textvqa) == {"ocr", "count", "color"}
+    mme = load_eval_records(consistency_dir, "mme", "test")
+    assert Counter(r["subtask"] for r in mme) == {
+        s: 16 for s in ("existence", "count", "position", "color", "ocr")}
+    per_image = defaultdict(list)
+    for r in mme:
+        per_image[r["image"]].append(r["answer"])
+    assert all(sorted(answers) == ["no", "yes"] for answers in per_image.values())
+    groups = defaultdict(list)
+    for r in load_eval_records(consistency_dir, "mmbench", "test"):
+        groups[r["circular_group"]].append(r)
+    assert len(groups) == 40
+    for rotations in groups.values():
+        assert sorted(r["rotation"] for r in rotations) == [0, 1, 2, 3]
+        assert sorted(r["answer"] for r in rotations) == ["A", "B", "C", "D"]
+        correct = {r["options"]["ABCD".index(r["answer"])] for r in rotations}
+        assert len(correct) == 1
+
+
+def test_pope_labels_balanced_per_split_type(consistency_dir: Path) -> None:
+    records = load_eval_records(consistency_dir, "pope", "test")
+    counts = Counter((r["split_type"], r["answer"]) for r in records)
+    assert counts == {(t, a): 20 for t in ("random", "popular", "adversarial")
+                      for a in ("yes", "no")}
+    scenes = load_scenes(consistency_dir, "test")
+    for r in records:
+        if r["split_type"] == "adversarial" and r["answer"] == "no":
+            # Adversarial negatives reuse a shape or a colour that the image shows.
+            color, shape = re.fullmatch(r"Is there a (\w+) (\w+) in the image\?",
+                                        r["question"]).groups()
+            scene = scenes[r["image"]]
+            assert scene.count(shape=shape) or scene.count(color=color)
+
+
+def test_ground_truth_answers_score_perfectly(consistency_dir: Path) -> None:
+    perfect = {"textvqa": 100.0, "pope": 100.0, "mme": 5 * 200.0, "mmbench": 100.0, "gqa": 100.0}
+    for benchmark, best in perfect.items():
+        records = load_eval_records(consistency_dir, benchmark, "test")
+        truth = [r["answers"][0] if "answers" in r else r["answer"] for r in records]
+        assert score_benchmark(benchmark, truth, records)["score"] == pytest.approx(best)
+
+
+def test_rendered_pixels_match_scene(consistency_dir: Path) -> None:
+    for image_path, scene in list(load_scenes(consistency_dir, "test").items())[:40]:
+        image = Image.open(consistency_dir / image_path).convert("RGB")
+        side = image.width
+        for obj in scene.objects:
+            assert image.getpixel((round(obj.x * side), round(obj.y * side))) == COLORS[obj.color]
+        for sign in scene.signs:
+            cell = np.asarray(image)[sign.row * side // 3:(sign.row + 1) * side // 3,
+                                     sign.col * side // 3:(sign.col + 1) * side // 3]
+            board = np.all(cell == COLORS[sign.color], axis=-1)
+            assert board.sum() > 50
+            rows, cols = np.nonzero(board)
+            inside = cell[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            # Light text strokes inside the coloured board.
+            assert (inside.min(axis=-1) > 150).sum() > 15
+
+
+def test_llava_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
+    root = small_dirs[0]
+    conversations = load_llava_conversations(root, "train")
+    assert len({c["id"] for c in conversations}) == len(conversations)
+    assert {c["id"].split("-")[0] for c in conversations} == {*BENCHMARKS, "caption"}
+    for item in conversations:
+        assert set(item) == {"id", "image", "conversations"}
+        assert (root / item["image"]).is_file()
+        human, gpt = item["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
+        assert gpt["value"].strip()
+        if item["id"].startswith("mmbench"):
+            assert gpt["value"] in {"A", "B", "C", "D"}
+    assert load_llava_conversations(root, "validation")
+
+
+def test_build_prompt() -> None:
+    record = {"benchmark": "mmbench", "question": "What color is the star?",
+              "options": ["red", "blue", "green", "pink"]}
+    assert build_prompt(record) == (
+        "What color is the star?\nA. red\nB. blue\nC. green\nD. pink\n" + OPTION_HINT)
+    assert build_prompt({"benchmark": "gqa", "question": "Q?"}) == "Q?\n" + SHORT_ANSWER_HINT
+    with pytest.raises(ValueError, match="lacks"):
+        build_prompt({"question": "Q?"})
+
+
+def test_scene_generation_is_deterministic_and_validated() -> None:
+    assert generate_scene(11) == generate_scene(11)
+    assert generate_scene(11) != generate_scene(12)
+    scene = generate_scene(5)
+    assert Scene.from_dict(scene.to_dict()) == scene
+    assert all(o.shape in SHAPES for o in scene.objects)
+    assert render_scene(scene, 96).size == (96, 96)
+    with pytest.raises(ValueError, match="image_size"):
+        render_scene(scene, 32)
+    with pytest.raises(ValueError, match="seed"):
+        generate_scene(-1)
+    with pytest.raises(ValueError, match="unknown set"):
+        write_benchmark_splits("/nonexistent", sizes={"test": {"vqa": 3}})
+
+
+def test_make_data_cli(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    assert main(["make-data", "--out", str(out), "--small", "--image-size", "96",
+                 "--no-progress"]) == 0
+    record = load_eval_records(out, "pope", "validation")[0]
+    assert Image.open(out / record["image"]).size == (96, 96)
+    assert (out / "manifest.json").is_file()
