@@ -352,3 +352,27 @@ def test_peft_wrapped_model_is_supported():
         wrapped(**sample())
     assert divico.last_report(wrapped).seq_len_after < divico.last_report(wrapped).seq_len_before
     divico.remove_compression(wrapped)
+
+
+@pytest.mark.parametrize("scoring", ["sdpa", "full_attention"])
+def test_teacher_forcing_scores_from_last_prompt_token(scoring):
+    """With labels, selection must use the last prompt token (as at inference), not the end of the answer."""
+    model = tiny_llava(seed=0)
+    prompts, images = mixed_batch()
+    prompt_batch = make_batch(prompts[:2], images[:2])
+    answer = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    divico.apply_compression(model, divico.CompressionConfig("fastv", keep_ratio=0.25, layer=LAYER, scoring=scoring))
+    with torch.no_grad():
+        model(**prompt_batch)
+        inference = divico.last_report(model)
+        full = dict(prompt_batch, input_ids=torch.cat([prompt_batch["input_ids"], answer], 1),
+                    attention_mask=torch.cat([prompt_batch["attention_mask"], torch.ones_like(answer)], 1))
+        labels = torch.full_like(full["input_ids"], -100)
+        labels[:, -answer.shape[1]:] = answer
+        model(**full, labels=labels)
+        teacher_forced = divico.last_report(model)
+        model(**full)  # no labels: the end of the answer scores, a different selection
+        unlabeled = divico.last_report(model)
+    assert torch.equal(teacher_forced.kept_positions, inference.kept_positions)
+    torch.testing.assert_close(teacher_forced.scores, inference.scores, atol=1e-6, rtol=0, equal_nan=True)
+    assert not torch.allclose(unlabeled.scores.nan_to_num(), inference.scores.nan_to_num())

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from divico.adapters.base import ModelAdapter
+from divico.adapters.base import ModelAdapter, item_offsets
 from divico.config import CompressionConfig
 from divico.methods.base import CompressionMethod, InputCompressionMethod
 from divico.report import CompressionReport
@@ -53,7 +53,7 @@ class _DecodeState:
     owner: "CompressionRuntime"
     prefill_length: int
     compressed_mask_2d: torch.Tensor  # (B, M)
-    removed_count: torch.Tensor  # (B,)
+    position_shift: torch.Tensor  # (B,) subtracted from generate()'s full-prompt position ids (input-level methods)
 
 
 @dataclass
@@ -63,6 +63,8 @@ class _Step:
     phase: str
     attention_mask_2d: torch.Tensor | None = None  # (B, N) as given to the model
     visual: torch.Tensor | None = None  # (B, N)
+    groups: torch.Tensor | None = None  # (B, N) frame/image ids for per_frame_keep
+    position_shift: torch.Tensor | None = None  # (B,)
     selection: TokenSelection | None = None
     compressed_mask_2d: torch.Tensor | None = None  # (B, M)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +133,8 @@ class CompressionRuntime:
                 self._handles.append(self.adapter.final_norm().register_forward_hook(self._final_norm_hook))
             else:
                 # Input-level methods need no per-layer hook: the model itself sees a shorter prompt.
-                self._handles.append(self.adapter.projector().register_forward_pre_hook(self._projector_pre_hook))
+                assert isinstance(self.method, InputCompressionMethod)
+                self._handles.extend(self.adapter.register_feature_pooling(self.method.pool))
         except Exception:
             self.detach()
             raise
@@ -179,14 +182,18 @@ class CompressionRuntime:
                     "divico needs left padding (the last position of every sample must be a real token); "
                     "set tokenizer/processor padding_side='left'."
                 )
-            if bool(visual[:, -1].any()):
+            query_positions = _scoring_positions(kwargs.get("labels"), visual.shape[1])
+            at_query = visual[:, -1] if query_positions is None else visual.gather(1, query_positions[:, None])[:, 0]
+            if bool(at_query.any()):
                 raise ValueError("The last prompt token is a visual token; the prompt must end with text.")
             self._step = _Step(phase="prefill", attention_mask_2d=attention_mask, visual=visual,
                                full_length=visual.shape[1])
             if isinstance(self.method, InputCompressionMethod):
                 return self._rewrite_inputs_for_prefill(args, kwargs, input_ids, visual)
+            if self.config.per_frame_keep:
+                self._step.groups = self.adapter.visual_groups(input_ids, visual, kwargs)
             if self.scorer is not None:
-                self.scorer.enabled = True
+                self.scorer.enable(query_positions)
             return None
         self._step = _Step(phase="passthrough")
         return None
@@ -202,34 +209,40 @@ class CompressionRuntime:
         if cache is None and output is not None:
             cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if cache is not None:
-            removed = step.selection.removed_visual.sum(dim=1)
-            setattr(cache, _STATE_ATTR, _DecodeState(self, step.full_length, step.compressed_mask_2d, removed))
+            shift = step.position_shift if step.position_shift is not None else step.selection.removed_visual.sum(1)
+            setattr(cache, _STATE_ATTR, _DecodeState(self, step.full_length, step.compressed_mask_2d, shift))
 
     # --- input-level methods (DeCo) --------------------------------------------------------------------------
     def _rewrite_inputs_for_prefill(
         self, args: tuple, kwargs: dict[str, Any], input_ids: torch.Tensor | None, visual: torch.Tensor
     ) -> tuple[tuple, dict] | None:
         assert isinstance(self.method, InputCompressionMethod) and self._step is not None
-        per_image = self.adapter.tokens_per_image()
-        keep_per_image = self.method.tokens_per_image(per_image)
-        groups = self.adapter.visual_groups(input_ids, visual)
-        # Within each contiguous run, image i occupies positions [i*Nv, (i+1)*Nv); its first k slots hold the pool.
-        run_offset = _offset_within_run(visual)
-        keep = ~visual | ((run_offset % per_image) < keep_per_image)
+        original_inputs = kwargs
+        # Each item's pooled tokens fill the first slots of its placeholder run; the rest of the run is dropped.
+        keep = ~visual
+        layout = self.adapter.visual_grids(input_ids, visual, kwargs)
+        pooled_layout = [(mask, [self.method.pooled_grid(grid) for grid in grids]) for mask, grids in layout]
+        for (mask, grids), (_, pooled) in zip(layout, pooled_layout):
+            item, offset = item_offsets(mask, [grid.size for grid in grids])
+            if grids:
+                pooled_size = torch.tensor([grid.size for grid in pooled], device=visual.device)
+                keep[mask] = offset < pooled_size[item]
         selection = TokenSelection.from_keep_mask(keep, visual)
         step = self._step
         step.selection = selection
         mask_2d = kwargs.get("attention_mask")
         ones = torch.ones(visual.shape, dtype=torch.long, device=visual.device)
         step.compressed_mask_2d = selection.gather(mask_2d if mask_2d is not None else ones, seq_dim=1, fill=0)
-        self._record_report(visual, None, selection, extra={"tokens_per_image": keep_per_image, "groups": groups})
+        self._record_report(visual, None, selection, extra={
+            "grids": [grids for _, grids in layout], "pooled_grids": [pooled for _, pooled in pooled_layout],
+        })
         if selection.is_identity:
             return None
         kwargs = dict(kwargs)
         args = tuple(args)
+        new_ids = None
         if input_ids is not None:
-            pad_id = self.adapter.pad_token_id()
-            new_ids = selection.gather(input_ids, seq_dim=1, fill=pad_id)
+            new_ids = selection.gather(input_ids, seq_dim=1, fill=self.adapter.pad_token_id())
             if "input_ids" in kwargs or not args:
                 kwargs["input_ids"] = new_ids
             else:
@@ -238,11 +251,13 @@ class CompressionRuntime:
             kwargs["inputs_embeds"] = selection.gather(kwargs["inputs_embeds"], seq_dim=1, fill=0.0)
         if mask_2d is not None or not bool(selection.valid.all()):
             kwargs["attention_mask"] = step.compressed_mask_2d
-        if kwargs.get("position_ids") is not None:
-            removed_before = selection.removed_visual.long().cumsum(dim=1)
-            kwargs["position_ids"] = selection.gather(kwargs["position_ids"] - removed_before, seq_dim=-1, fill=0)
-        if kwargs.get("labels") is not None:
-            kwargs["labels"] = selection.gather(kwargs["labels"], seq_dim=1, fill=-100)
+        for key, fill in (("labels", -100), ("mm_token_type_ids", 0), ("token_type_ids", 0)):
+            if kwargs.get(key) is not None:
+                kwargs[key] = selection.gather(kwargs[key], seq_dim=1, fill=fill)
+        compressed_layout = [(selection.gather(mask, seq_dim=1, fill=False), pooled) for mask, pooled in pooled_layout]
+        step.position_shift = self.adapter.input_level_positions(
+            original_inputs, input_ids, kwargs, new_ids, selection, compressed_layout
+        )
         return args, kwargs
 
     def _rewrite_inputs_for_decode(
@@ -252,17 +267,8 @@ class CompressionRuntime:
         mask_2d = kwargs.get("attention_mask")
         kwargs["attention_mask"] = self._decode_mask_2d(state, mask_2d, past, _query_length(args, kwargs))
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] - state.removed_count.view(-1, 1)
+            kwargs["position_ids"] = kwargs["position_ids"] - state.position_shift.view(-1, 1)
         return args, kwargs
-
-    def _projector_pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
-        # Always pool: generate() encodes images before the prefill forward (``mm_encoder_outputs``).
-        assert isinstance(self.method, InputCompressionMethod)
-        features = args[0]
-        pooled = self.method.compress_features(features)
-        if pooled.shape[1] == features.shape[1]:
-            return None
-        return (pooled,) + tuple(args[1:])
 
     # --- layer-level methods ---------------------------------------------------------------------------------
     def _layer_pre_hook(
@@ -301,7 +307,7 @@ class CompressionRuntime:
             self.scorer.enabled = False
         else:
             scores = torch.zeros(batch, length, device=hidden.device)
-        groups = self.adapter.visual_groups(None, visual)
+        groups = step.groups if step.groups is not None else torch.where(visual, 0, -1)
         keep = self.method.select(scores, visual, groups)
         selection = TokenSelection.from_keep_mask(keep, visual)
         compressed = self.method.compress(hidden, selection, self.compressor)
@@ -383,12 +389,17 @@ class CompressionRuntime:
         )
 
 
-def _offset_within_run(visual: torch.Tensor) -> torch.Tensor:
-    """(B, N) long: index of each visual token inside its contiguous run of visual tokens (0 elsewhere)."""
-    positions = torch.arange(visual.shape[1], device=visual.device).expand_as(visual)
-    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-    run_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
-    return torch.where(visual, positions - run_start, torch.zeros_like(positions))
+def _scoring_positions(labels: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """(B,) position of the last prompt token under teacher forcing (the one before the first label), else None.
+
+    At inference the prompt ends at the last position; with ``labels`` the answer follows it, and scoring from the
+    end of the answer would let selection see the answer (and differ from inference).
+    """
+    if labels is None or labels.dim() != 2 or labels.shape[1] != length:
+        return None
+    supervised = labels != -100
+    first = torch.where(supervised.any(dim=1), supervised.float().argmax(dim=1), torch.full_like(labels[:, 0], length))
+    return (first - 1).clamp(min=0).long()
 
 
 def _query_length(args: tuple, kwargs: dict[str, Any]) -> int:

@@ -40,6 +40,7 @@ class LastTokenAttentionScorer:
         self.mode = mode
         self.sliding_window = sliding_window
         self.enabled = False
+        self.query_positions: torch.Tensor | None = None
         self._query: torch.Tensor | None = None
         self._key: torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -59,10 +60,16 @@ class LastTokenAttentionScorer:
         self._query = None
         self._key = None
 
+    def enable(self, query_positions: torch.Tensor | None = None) -> None:
+        """Capture q/k in the next forward; score from ``query_positions`` (B,) or, if None, the last token."""
+        self.enabled = True
+        self.query_positions = query_positions
+
     def _capture_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self.enabled:
-            # Only the last row is needed unless we reproduce the full-matrix reference.
-            self._query = output.detach() if self.mode == "full_attention" else output[:, -1:].detach()
+            # Only the last row is needed unless we reproduce the full-matrix reference or score mid-sequence.
+            whole = self.mode == "full_attention" or self.query_positions is not None
+            self._query = output.detach() if whole else output[:, -1:].detach()
 
     def _capture_key(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self.enabled:
@@ -71,12 +78,16 @@ class LastTokenAttentionScorer:
     def scores(
         self, position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask_2d: torch.Tensor
     ) -> torch.Tensor:
-        """Mean-over-heads attention of the last token to every token.
+        """Mean-over-heads attention of the scoring token to every token.
+
+        The scoring token is the last prompt token: the last position at inference, or the per-sample
+        ``query_positions`` given to :meth:`enable` (under teacher forcing the answer follows the prompt, and keys
+        after the scoring token are masked as causal attention would).
 
         Parameters
         ----------
         position_embeddings
-            (cos, sin) the layer received, each (B or 1, N, head_dim) (or the adapter's layout, e.g. mRoPE).
+            (cos, sin) the layer received, each (B or 1, N, head_dim).
         attention_mask_2d
             (B, N) 1 for real tokens, 0 for padding (left padding).
 
@@ -89,22 +100,45 @@ class LastTokenAttentionScorer:
             raise RuntimeError("No query/key was captured at layer K-1 for this forward; is the scorer enabled?")
         layout = self.adapter.attention_layout(self.attention)
         batch, length = self._key.shape[:2]
-        query = self._query.view(batch, self._query.shape[1], layout.num_heads, layout.head_dim).transpose(1, 2)
+        positions = self.query_positions
+        if positions is None:
+            positions = torch.full((batch,), length - 1, dtype=torch.long, device=self._key.device)
+        query = self._query
+        if self.mode != "full_attention" and self.query_positions is not None:
+            query = query.gather(1, positions.view(batch, 1, 1).expand(batch, 1, query.shape[-1]))
+        query = query.view(batch, query.shape[1], layout.num_heads, layout.head_dim).transpose(1, 2)
         key = self._key.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
-        query, key = self.adapter.apply_rope_to_query_key(self.attention, query, key, position_embeddings)
+        query_rope = None
+        if self.mode != "full_attention" and self.query_positions is not None:
+            query_rope = tuple(_rows_at(t, positions) for t in position_embeddings)
+        query, key = self.adapter.apply_rope_to_query_key(
+            self.attention, query, key, position_embeddings, query_position_embeddings=query_rope
+        )
         query = query.float()
         key = key.float().repeat_interleave(layout.num_heads // layout.num_kv_heads, dim=1)
         logits = torch.matmul(query, key.transpose(-1, -2)) * layout.scaling  # (B, H, Q, N)
+        key_index = torch.arange(length, device=key.device)
         keep = attention_mask_2d.bool()[:, None, None, :]
-        if self.sliding_window is not None:
-            distance = torch.arange(length, device=key.device)
-            keep = keep & ((length - 1 - distance) < self.sliding_window)[None, None, None, :]
         if self.mode == "full_attention":
-            causal = torch.ones(length, length, dtype=torch.bool, device=key.device).tril()
-            keep = keep & causal[None, None]
+            keep = keep & torch.ones(length, length, dtype=torch.bool, device=key.device).tril()[None, None]
+        else:
+            keep = keep & (key_index[None, :] <= positions[:, None])[:, None, None, :]
+        if self.sliding_window is not None:
+            window = (positions[:, None] - key_index[None, :]) < self.sliding_window
+            keep = keep & window[:, None, None, :]
         logits = logits.masked_fill(~keep, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if self.mode == "full_attention":
-            probs = probs[:, :, -1:, :]
+            rows = positions.view(batch, 1, 1, 1).expand(batch, probs.shape[1], 1, length)
+            probs = probs.gather(2, rows)
         self.clear()
         return probs[:, :, 0, :].mean(dim=1).nan_to_num(0.0)
+
+
+def _rows_at(table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of a (B or 1, N, d) table at per-sample positions (B,) -> (B, 1, d)."""
+    batch = positions.shape[0]
+    if table.shape[-3] != batch:
+        table = table.expand(*table.shape[:-3], batch, *table.shape[-2:])
+    index = positions.view(batch, 1, 1).expand(*table.shape[:-3], batch, 1, table.shape[-1])
+    return table.gather(-2, index)

@@ -7,8 +7,10 @@ family is one adapter file plus one `@register_adapter` line.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -45,6 +47,112 @@ def get_adapter(model: nn.Module) -> "ModelAdapter":
             "Pass the top-level *ForConditionalGeneration model (a peft PeftModel wrapping one also works)."
         )
     return _ADAPTERS[name](model)
+
+
+def item_offsets(mask: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign the True positions of ``mask`` (in batch-major order) to consecutive items of the given sizes.
+
+    Parameters
+    ----------
+    mask
+        (B, N) bool.
+    sizes
+        Token count of each item, in order.
+
+    Returns
+    -------
+    tuple[torch.Tensor, torch.Tensor]
+        Item index and offset inside the item of every True position, each (mask.sum(),) long.
+
+    Raises
+    ------
+    ValueError
+        If the sizes do not add up to the number of True positions.
+    """
+    total = int(mask.sum())
+    if sum(sizes) != total:
+        raise ValueError(f"The prompt has {total} placeholder tokens but its items need {sum(sizes)} ({sizes}).")
+    lengths = torch.tensor(sizes, dtype=torch.long, device=mask.device)
+    item = torch.repeat_interleave(torch.arange(len(sizes), device=mask.device), lengths)
+    starts = lengths.cumsum(0) - lengths
+    offset = torch.arange(total, device=mask.device) - starts[item]
+    return item, offset
+
+
+@dataclass(frozen=True)
+class VisualGrid:
+    """Layout of one visual item (image, video or video frame) in the prompt.
+
+    The item occupies ``prefix + t * h * w`` consecutive placeholder tokens: ``prefix`` tokens that belong to no
+    grid cell (e.g. a CLS token), then a (t, h, w) grid of LLM tokens in row-major order.
+    """
+
+    t: int
+    h: int
+    w: int
+    prefix: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.prefix + self.t * self.h * self.w
+
+
+VisualLayout = list[tuple[torch.Tensor, list[VisualGrid]]]
+"""Per placeholder kind: its (B, N) bool token mask and its items in prompt order (batch-major)."""
+
+
+class MethodWrapHandle:
+    """Undo handle for :func:`wrap_method` (same ``remove()`` interface as torch hook handles)."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
+
+
+def wrap_method(owner: Any, name: str, post: Callable[[Any, tuple, dict], Any]) -> MethodWrapHandle:
+    """Post-process the result of ``owner.name(...)`` with ``post(result, args, kwargs)``.
+
+    Used where transformers offers no module boundary to hook (e.g. Qwen2-VL splits vision features per image
+    inside ``get_image_features``). The original method is called unchanged; ``remove()`` restores it.
+    """
+    original = getattr(owner, name)
+
+    @functools.wraps(original)  # keeps the signature: generate() reads it to pick an encoder's arguments
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return post(original(*args, **kwargs), args, kwargs)
+
+    owner.__dict__[name] = wrapped
+    return MethodWrapHandle(owner, name)
+
+
+def pool_grid_rows(
+    features: torch.Tensor, grid: VisualGrid, pool: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Pool the grid part of per-item feature rows, keeping prefix tokens as they are.
+
+    Parameters
+    ----------
+    features
+        (n, grid.size, d): one row per item (image or frame), in the token order of :class:`VisualGrid`.
+    grid
+        Layout of every row.
+    pool
+        (n * t, h, w, d) -> (n * t, h', w', d).
+
+    Returns
+    -------
+    torch.Tensor
+        (n, prefix + t * h' * w', d).
+    """
+    if features.dim() != 3 or features.shape[1] != grid.size:
+        raise ValueError(f"Expected features (n, {grid.size}, d) for grid {grid}, got {tuple(features.shape)}.")
+    count, _, dim = features.shape
+    prefix, cells = features[:, : grid.prefix], features[:, grid.prefix:]
+    pooled = pool(cells.reshape(count * grid.t, grid.h, grid.w, dim))
+    return torch.cat([prefix, pooled.reshape(count, -1, dim)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -119,14 +227,59 @@ class ModelAdapter:
             mask |= (inputs_embeds == placeholder).all(-1)
         return mask
 
-    def visual_groups(self, input_ids: torch.Tensor | None, visual: torch.Tensor) -> torch.Tensor:
-        """(B, N) long group id of each visual token (-1 elsewhere): frames/images for per-frame keeping.
+    def image_grid(self) -> VisualGrid:
+        """Layout of one image of a fixed-resolution model (from :meth:`tokens_per_image`)."""
+        per_image = self.tokens_per_image()
+        for prefix in (0, 1):  # a CLS token may lead the patch tokens ("full" feature strategy)
+            side = math.isqrt(per_image - prefix)
+            if side * side == per_image - prefix:
+                return VisualGrid(1, side, side, prefix)
+        raise ValueError(f"{type(self).__name__}: {per_image} tokens per image is not a square patch grid.")
 
-        The default treats each contiguous run of visual tokens as one group.
+    def visual_grids(
+        self, input_ids: torch.Tensor | None, visual: torch.Tensor, model_inputs: Mapping[str, Any]
+    ) -> VisualLayout:
+        """Where each image / video / frame lies among the visual tokens, with its patch grid.
+
+        The default: every visual token belongs to an image of :meth:`image_grid` (fixed resolution).
+
+        Parameters
+        ----------
+        input_ids
+            (B, N) prompt ids, or None.
+        visual
+            (B, N) bool visual-token mask.
+        model_inputs
+            Keyword arguments of the top-level forward (e.g. ``image_grid_thw``).
         """
-        starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
-        groups = starts.long().cumsum(dim=1) - 1
-        return groups.masked_fill(~visual, -1)
+        grid = self.image_grid()
+        total = int(visual.sum())
+        if total % grid.size:
+            raise ValueError(f"{total} visual tokens are not a whole number of images of {grid.size} tokens.")
+        return [(visual, [grid] * (total // grid.size))]
+
+    def visual_groups(
+        self, input_ids: torch.Tensor | None, visual: torch.Tensor, model_inputs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """(B, N) long id of the frame/image of each visual token (-1 elsewhere), for ``per_frame_keep``.
+
+        Derived from :meth:`visual_grids`: every temporal slice of every item is one group (prefix tokens join the
+        item's first slice). Ids are unique over the batch.
+        """
+        groups = torch.full(visual.shape, -1, dtype=torch.long, device=visual.device)
+        next_id = 0
+        for mask, grids in self.visual_grids(input_ids, visual, model_inputs):
+            item, offset = item_offsets(mask, [g.size for g in grids])
+            if not grids:
+                continue
+            prefix = torch.tensor([g.prefix for g in grids], device=visual.device)
+            frame_size = torch.tensor([g.h * g.w for g in grids], device=visual.device)
+            first_group = torch.tensor([g.t for g in grids], device=visual.device).cumsum(0)
+            first_group = torch.cat([first_group.new_zeros(1), first_group[:-1]]) + next_id
+            frame = (offset - prefix[item]).clamp(min=0) // frame_size[item]
+            groups[mask] = first_group[item] + frame
+            next_id += sum(g.t for g in grids)
+        return groups
 
     # --- attention internals ---------------------------------------------------------------------------------
     def query_key_modules(self, attention: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -156,12 +309,19 @@ class ModelAdapter:
         query: torch.Tensor,
         key: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        query_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE for query (B, H, Q, hd) at the last Q positions and key (B, Hkv, N, hd) at all positions."""
+        """RoPE for query (B, H, Q, hd) and key (B, Hkv, N, hd).
+
+        ``query_position_embeddings`` are the query rows' own (cos, sin), each (B, Q, hd); without them the query
+        is taken to sit at the last Q positions.
+        """
         rope = self.rope_function()
         cos, sin = position_embeddings
-        q_len = query.shape[2]
-        query, _ = rope(query, query, cos[..., -q_len:, :], sin[..., -q_len:, :])
+        if query_position_embeddings is None:
+            q_len = query.shape[2]
+            query_position_embeddings = (cos[..., -q_len:, :], sin[..., -q_len:, :])
+        query, _ = rope(query, query, *query_position_embeddings)
         _, key = rope(key, key, cos, sin)
         return query, key
 
@@ -219,6 +379,69 @@ class ModelAdapter:
     def tokens_per_image(self) -> int:
         """Visual placeholder tokens per image in the prompt (fixed-resolution models)."""
         raise TypeError(f"{type(self).__name__} does not define tokens_per_image().")
+
+    def register_feature_pooling(self, pool: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+        """Make the model pool each image's patch grid before its visual tokens reach the LLM (DeCo).
+
+        The default pre-hook on :meth:`projector` pools (num_images, tokens, d) features laid out as
+        :meth:`image_grid`. Always active: ``generate()`` encodes images before the prefill forward.
+
+        Parameters
+        ----------
+        pool
+            (n, h, w, d) -> (n, h', w', d).
+
+        Returns
+        -------
+        list
+            Handles with ``remove()``.
+        """
+        grid = self.image_grid()
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple:
+            return (pool_grid_rows(args[0], grid, pool),) + tuple(args[1:])
+
+        return [self.projector().register_forward_pre_hook(pre_hook)]
+
+    def input_level_positions(
+        self,
+        original_inputs: Mapping[str, Any],
+        original_ids: torch.Tensor | None,
+        model_inputs: dict[str, Any],
+        input_ids: torch.Tensor | None,
+        selection: Any,
+        pooled_layout: VisualLayout,
+    ) -> torch.Tensor:
+        """Fix position inputs of a prompt shortened before the LLM; return each sample's decode position shift.
+
+        ``model_inputs`` already holds the shortened ``input_ids`` / ``attention_mask``; this may set
+        ``position_ids``. The default (1-D RoPE) renumbers given position ids without gaps.
+
+        Parameters
+        ----------
+        original_inputs, original_ids
+            Keyword arguments and (B, N) ids of the forward before shortening.
+        model_inputs
+            Keyword arguments of the top-level forward after shortening, edited in place.
+        input_ids
+            (B, M) shortened prompt ids (None when the model was given ``inputs_embeds``).
+        selection
+            The :class:`~divico.selection.TokenSelection` of the shortened prompt.
+        pooled_layout
+            :meth:`visual_grids` of the shortened prompt.
+
+        Returns
+        -------
+        torch.Tensor
+            (B,) long: how much smaller the next position is than in the uncompressed prompt (decode steps subtract
+            it from the position ids that ``generate()`` counts on the full prompt).
+        """
+        removed_before = selection.removed_visual.long().cumsum(dim=1)
+        if model_inputs.get("position_ids") is not None:
+            model_inputs["position_ids"] = selection.gather(
+                model_inputs["position_ids"] - removed_before, seq_dim=-1, fill=0
+            )
+        return removed_before[:, -1]
 
     def pad_token_id(self) -> int:
         for config in (self.model.config, self.text_config()):

@@ -11,7 +11,7 @@ from divico.config import CompressionConfig
 from divico.selection import TokenSelection, top_k_keep_mask
 
 if TYPE_CHECKING:
-    from divico.adapters.base import ModelAdapter
+    from divico.adapters.base import ModelAdapter, VisualGrid
 
 
 class CompressionMethod:
@@ -92,10 +92,17 @@ class InputCompressionMethod(CompressionMethod):
     level: ClassVar[Literal["layer", "input"]] = "input"
     needs_scores: ClassVar[bool] = False
 
-    def tokens_per_image(self, num_visual_per_image: int) -> int:
-        """Visual tokens each image keeps after compression."""
-        raise TypeError(f"{type(self).__name__} must define tokens_per_image().")
+    def pooled_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h', w') a (height x width) patch grid (one image or frame) is reduced to."""
+        raise TypeError(f"{type(self).__name__} must define pooled_size().")
 
-    def compress_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Compress per-image vision features (num_images, Nv, d_vision) -> (num_images, k, d_vision)."""
-        raise TypeError(f"{type(self).__name__} must define compress_features().")
+    def pooled_grid(self, grid: "VisualGrid") -> "VisualGrid":
+        """Layout of an item after compression: prefix tokens stay, each temporal slice is pooled."""
+        from divico.adapters.base import VisualGrid
+
+        height, width = self.pooled_size(grid.h, grid.w)
+        return VisualGrid(grid.t, height, width, grid.prefix)
+
+    def pool(self, cells: torch.Tensor) -> torch.Tensor:
+        """Compress patch grids (n, h, w, d_vision) -> (n, h', w', d_vision) with (h', w') = :meth:`pooled_size`."""
+        raise TypeError(f"{type(self).__name__} must define pool().")

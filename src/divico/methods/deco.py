@@ -42,45 +42,41 @@ def pooled_grid(num_tokens: int, grid_height: int, grid_width: int) -> tuple[int
 
 @register_method("deco")
 class DeCo(InputCompressionMethod):
-    """Pool the (g x g) patch grid of every image to k = h x w tokens; the projector is trained (see training)."""
+    """Pool the patch grid of every image (every frame of a video) to k = h x w tokens; the projector is trained."""
 
-    def tokens_per_image(self, num_visual_per_image: int) -> int:
-        side = math.isqrt(num_visual_per_image)
-        if side * side != num_visual_per_image:
+    def pooled_size(self, height: int, width: int) -> tuple[int, int]:
+        """Pooled grid of one image / frame: ``keep_tokens`` cells (or ``keep_ratio`` of them) as h' x w'.
+
+        Raises
+        ------
+        ValueError
+            If ``keep_tokens`` exceeds the grid or the count has no factorisation that fits in it.
+        """
+        num_cells = height * width
+        if self.config.keep_tokens is not None and self.config.keep_tokens > num_cells:
             raise ValueError(
-                f"DeCo needs a square patch grid per image; got {num_visual_per_image} visual tokens per image."
+                f"keep_tokens={self.config.keep_tokens} exceeds the {num_cells} tokens of one {height}x{width} "
+                f"image/frame grid; valid range is [1, {num_cells}]."
             )
-        if self.config.keep_tokens is not None:
-            if self.config.keep_tokens > num_visual_per_image:
-                raise ValueError(
-                    f"keep_tokens={self.config.keep_tokens} exceeds the {num_visual_per_image} tokens of one image; "
-                    f"valid range is [1, {num_visual_per_image}]."
-                )
-            count = self.config.keep_tokens
-        else:
-            count = self.config.keep_count(num_visual_per_image)
-        h, w = pooled_grid(count, side, side)
-        return h * w
+        return pooled_grid(self.config.keep_count(num_cells), height, width)
 
-    def compress_features(self, features: torch.Tensor) -> torch.Tensor:
+    def pool(self, cells: torch.Tensor) -> torch.Tensor:
         """Adaptive 2-D average pooling.
 
         Parameters
         ----------
-        features
-            (num_images, Nv, d_vision) patch features in row-major grid order.
+        cells
+            (n, h, w, d) patch features of n images / frames.
 
         Returns
         -------
         torch.Tensor
-            (num_images, h * w, d_vision).
+            (n, h', w', d).
         """
-        num_images, num_patches, dim = features.shape
-        side = math.isqrt(num_patches)
-        h, w = pooled_grid(self.tokens_per_image(num_patches), side, side)
-        grid = features.reshape(num_images, side, side, dim).permute(0, 3, 1, 2)
-        pooled = F.adaptive_avg_pool2d(grid, (h, w))
-        return pooled.permute(0, 2, 3, 1).reshape(num_images, h * w, dim)
+        _, height, width, _ = cells.shape
+        target = self.pooled_size(height, width)
+        pooled = F.adaptive_avg_pool2d(cells.permute(0, 3, 1, 2), target)
+        return pooled.permute(0, 2, 3, 1)
 
     def trainable_modules(self, adapter: "ModelAdapter", compressor: nn.Module | None) -> dict[str, nn.Module]:
         return {"projector": adapter.projector()}

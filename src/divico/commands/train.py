@@ -1,0 +1,113 @@
+"""`divico train`: fine-tune a compressed LVLM (DiViCo + LoRA + KL, DeCo projector, FastV + LoRA) on LLaVA data."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train DiViCo's encoder + LoRA (or DeCo's projector, or FastV + LoRA) on LLaVA-format data",
+        description=(
+            "Fine-tune a vision-language model with visual-token compression (paper Algorithm 1: loss = LM loss on "
+            "assistant tokens + beta * KL). Writes only the trained parts (config.json, compressor.safetensors, "
+            "lora/) to --output; reload them with divico.load_compressor(base_model, OUTPUT). Re-running with the "
+            "same --output resumes from the last checkpoint. For several GPUs: "
+            "accelerate launch --num_processes N -m divico.cli train ..."
+        ),
+    )
+    parser.add_argument("--model", required=True,
+                        help="model folder or hub id (from_pretrained), or 'default' for divico's default model")
+    parser.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
+    parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
+    parser.add_argument("--output", required=True, help="output folder for the trained parts and checkpoints")
+    parser.add_argument("--method", default="divico", choices=("divico", "fastv", "deco"),
+                        help="compression method to train (default: divico)")
+    parser.add_argument("--encoder", default="variational", choices=("variational", "deterministic", "none"),
+                        help="DiViCo's gap encoder: variational (paper), deterministic (Fig. 8 b), none (Fig. 8 a)")
+    keep = parser.add_mutually_exclusive_group()
+    keep.add_argument("--keep-ratio", type=float, default=None,
+                      help="share of visual tokens kept, in (0, 1] (default 64/576 = 0.111)")
+    keep.add_argument("--keep-tokens", type=int, default=None, help="visual tokens kept per sample")
+    parser.add_argument("--layer", type=int, default=2, help="K, the first compressed decoder layer (default 2)")
+    parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL term, >= 0 (default 0.02)")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank; 0 disables LoRA (default 16)")
+    parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    parser.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
+                        help="decoder-layer linear layers that get LoRA (default: q/k/v/o/gate/up/down_proj)")
+    parser.add_argument("--max-steps", type=int, default=-1, help="optimiser steps; overrides --epochs when > 0")
+    parser.add_argument("--epochs", type=float, default=1.0, help="epochs (default 1)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per device per micro-step (default 4)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimiser step (default 1)")
+    parser.add_argument("--warmup", type=float, default=0.03,
+                        help="warmup: share of steps if < 1, else steps (default 0.03)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights for the frozen base + bf16 autocast")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    parser.add_argument("--logging-steps", type=int, default=10, help="log loss and KL every N steps (default 10)")
+    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="leave out invalid records (and report how many) instead of stopping")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def load_model_and_processor(name: str, bf16: bool) -> tuple:
+    """``(model, processor)`` from divico's default model, a local folder or a hub id."""
+    import torch
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if name == "default":
+        from divico.zoo import build_default_model
+
+        return build_default_model(torch_dtype=dtype)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name)
+    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+    return model, processor
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from divico.config import CompressionConfig
+    from divico.training import DataError, TrainingConfig, train
+    from divico.training.trainer import PAPER_KEEP_RATIO
+
+    try:
+        given = args.keep_ratio is not None or args.keep_tokens is not None
+        keep_ratio = args.keep_ratio if given else PAPER_KEEP_RATIO
+        compression = CompressionConfig(
+            method=args.method, keep_ratio=keep_ratio, keep_tokens=args.keep_tokens, layer=args.layer,
+            encoder=args.encoder,
+        )
+        config = TrainingConfig(
+            data_path=args.data, output_dir=args.output, image_folder=args.image_folder, compression=compression,
+            beta=args.beta, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            lora_target_modules=args.lora_target_modules, learning_rate=args.lr, warmup=args.warmup,
+            num_epochs=args.epochs, max_steps=args.max_steps, per_device_batch_size=args.batch_size,
+            gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
+            gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, logging_steps=args.logging_steps,
+            save_steps=args.save_steps, dataloader_num_workers=args.num_workers, skip_invalid=args.skip_invalid,
+            resume=not args.no_resume, show_progress=not args.no_progress,
+        )
+        model, processor = load_model_and_processor(args.model, args.bf16)
+        result = train(model, processor, config)
+    except (DataError, FileNotFoundError, ValueError, TypeError) as error:
+        print(f"divico train: {error}", file=sys.stderr)
+        return 2
+    losses = [entry for entry in result.log_history if "loss" in entry]
+    print(f"trained {result.global_step} steps on {result.num_samples} samples "
+          f"({result.num_skipped} skipped), {result.trainable_parameters / 1e6:.3f}M trained parameters")
+    if losses:
+        last = losses[-1]
+        kl = f", KL {last['kl']:.4f}" if "kl" in last else ""
+        print(f"last logged loss {last['loss']:.4f}{kl} (step {last['step']})")
+    print(f"wrote {result.output_dir} (load with divico.load_compressor(base_model, {str(result.output_dir)!r}))")
+    return 0

@@ -1,0 +1,330 @@
+"""`divico demo`: accuracy kept vs. speed gained on the trained default model (the paper's Tables I and III).
+
+Evaluates the uncompressed base model, FastV (training-free), DeCo and DiViCo (trained checkpoints shipped in
+``divico/assets/default``) at the paper's three rates on held-out test slices of the mini-benchmarks, measures
+FLOPs (analytic), peak memory and prefill latency for each, prints both tables and writes a plot. Results are
+appended to ``<out>/results.jsonl`` as each configuration finishes, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+BENCHMARK_ORDER = ("textvqa", "pope", "mmbench", "mme", "gqa")
+BENCHMARK_TITLES = {"textvqa": "TextVQA", "pope": "POPE", "mmbench": "MMBench", "mme": "MME", "gqa": "GQA"}
+METHOD_TITLES = {"baseline": "Baseline", "fastv": "FastV", "deco": "DeCo", "divico": "DiViCo",
+                 "variant_a": "w/o DC (a)", "variant_b": "w/o DE (b)"}
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs.
+
+    Attributes
+    ----------
+    out_dir
+        Where results.jsonl, tables.md, results.json and demo.png go.
+    assets_dir
+        Trained checkpoints (default: the ones shipped in the package).
+    data_dir
+        Mini-benchmark data (generated with seed 0 if missing; default ``<cache>/demo-data``).
+    limit
+        Scoring groups per benchmark (a question; an MMBench circular group; an MME image pair); None = full split.
+    batch_size
+        Generation batch size.
+    dtype
+        ``"bfloat16"`` (fast on CPUs with AMX) or ``"float32"``.
+    repeats
+        Timed prefill repeats per configuration (after one warm-up).
+    ablation
+        Also evaluate the Fig. 8 variants a/b at 11.1%.
+    """
+
+    out_dir: Path = Path("outputs/demo")
+    assets_dir: Path | None = None
+    data_dir: Path | None = None
+    limit: int | None = 8
+    batch_size: int = 16
+    dtype: str = "bfloat16"
+    repeats: int = 3
+    ablation: bool = False
+    benchmarks: tuple[str, ...] = BENCHMARK_ORDER
+    show_progress: bool = True
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or None (full split), got {self.limit}.")
+        if self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {self.dtype!r}.")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}.")
+        unknown = sorted(set(self.benchmarks) - set(BENCHMARK_ORDER))
+        if unknown:
+            raise ValueError(f"Unknown benchmarks {unknown}; valid: {list(BENCHMARK_ORDER)}.")
+
+
+@dataclass
+class RunSpec:
+    """One row of the tables: a method at a keep ratio (``tag``) and how to build it."""
+
+    name: str
+    method: str
+    tag: str | None
+    keep_ratio: float | None
+    checkpoint: str | None = None
+
+    @property
+    def label(self) -> str:
+        return METHOD_TITLES[self.method] + ("" if self.tag is None else f" @{self.tag}")
+
+
+def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
+    """Baseline, then FastV / DeCo / DiViCo at each shipped rate (and the ablation variants if asked)."""
+    from divico.zoo.recipe import ABLATION_TAG, PAPER_KEEP_RATIOS
+
+    runs = [RunSpec("baseline", "baseline", None, None)]
+    for tag, ratio in PAPER_KEEP_RATIOS.items():
+        runs.append(RunSpec(f"fastv-{tag}", "fastv", tag, ratio))
+        for method in ("deco", "divico"):
+            runs.append(RunSpec(f"{method}-{tag}", method, tag, ratio, str(assets_dir / "compressors" / f"{method}-{tag}")))
+    if ablation:
+        for variant in ("variant_a", "variant_b"):
+            name = f"{variant}-{ABLATION_TAG}"
+            runs.append(RunSpec(name, variant, ABLATION_TAG, PAPER_KEEP_RATIOS[ABLATION_TAG],
+                                str(assets_dir / "compressors" / name)))
+    return runs
+
+
+def _prepare(base: nn.Module, spec: RunSpec, layer: int = 2) -> nn.Module:
+    import divico
+
+    model = copy.deepcopy(base)
+    if spec.method == "fastv":
+        divico.apply_compression(model, divico.CompressionConfig("fastv", keep_ratio=spec.keep_ratio, layer=layer))
+    elif spec.checkpoint is not None:
+        if not (Path(spec.checkpoint) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"Missing trained checkpoint {spec.checkpoint}; run `divico retrain-default --export` first."
+            )
+        divico.load_compressor(model, spec.checkpoint)
+    return model.eval()
+
+
+def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path, repeats: int) -> dict[str, Any]:
+    """Analytic FLOPs, peak memory and prefill latency of one representative prompt (batch 1)."""
+    import divico
+    from divico.data import load_eval_records
+    from divico.efficiency import PromptShape, count_flops, measure_peak_memory, time_call
+    from divico.evaluation.runner import _chat_prompt
+    from PIL import Image
+
+    record = load_eval_records(data_dir, "textvqa", "test")[0]
+    inputs = processor(images=[Image.open(data_dir / record["image"]).convert("RGB")],
+                       text=[_chat_prompt(processor, record)], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    first_visual = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    total = int(inputs["input_ids"].shape[1])
+
+    def prefill() -> Any:
+        with torch.no_grad():
+            return model(**inputs, use_cache=True, logits_to_keep=1)
+
+    timing = time_call(prefill, repeats=repeats, warmup=1)
+    memory = measure_peak_memory(prefill, model=model)
+    runtime = divico.get_runtime(model)
+    shape = PromptShape(visual_tokens=visual, text_tokens=total - visual - first_visual, system_tokens=first_visual)
+    if runtime is None:
+        flops = count_flops(model.config, shape, method="none")
+    else:
+        cfg = runtime.config
+        flops = count_flops(
+            model.config, shape, method=cfg.method, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens,
+            layer=cfg.layer, compressor_hidden=cfg.encoder_hidden_size or None,
+            deterministic=cfg.encoder == "deterministic",
+        )
+    report = divico.last_report(model) if runtime is not None else None
+    return {
+        "visual_tokens": visual,
+        "kept_tokens": visual if report is None else int(report.num_kept.sum()),
+        "flops": int(flops.total),
+        "peak_memory_bytes": int(memory.peak_bytes),
+        "model_bytes": int(memory.model_bytes),
+        "prefill_seconds": float(timing.median),
+        "prefill_iqr_seconds": float(timing.iqr),
+    }
+
+
+def _read_results(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["name"]: row for row in rows}
+
+
+def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
+    """Evaluate every configuration (resuming finished ones) and write tables and plot.
+
+    Returns
+    -------
+    dict
+        ``run name -> {"scores": {benchmark: score}, "efficiency": {...}, ...}``.
+    """
+    from divico.data import write_benchmark_splits
+    from divico.evaluation import evaluate_benchmarks
+    from divico.zoo.default_model import default_cache_root
+    from divico.zoo.recipe import ASSETS_DIR, load_trained_default
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.perf_counter()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    assets = Path(config.assets_dir) if config.assets_dir is not None else ASSETS_DIR
+    data_dir = Path(config.data_dir) if config.data_dir is not None else default_cache_root() / "demo-data"
+    if not (data_dir / "manifest.json").is_file():
+        write_benchmark_splits(data_dir, seed=0, show_progress=config.show_progress)
+    dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
+    base, processor = load_trained_default(assets, dtype=dtype)
+    results_path = out / "results.jsonl"
+    results = _read_results(results_path)
+    settings = {"limit": config.limit, "dtype": config.dtype, "benchmarks": list(config.benchmarks)}
+    for spec in demo_runs(assets, config.ablation):
+        if spec.name in results and results[spec.name].get("settings") == settings:
+            continue
+        model = _prepare(base, spec)
+        tic = time.perf_counter()
+        scores = evaluate_benchmarks(
+            model, processor, data_dir, config.benchmarks, split="test", limit=config.limit,
+            batch_size=config.batch_size, max_new_tokens=8, show_progress=config.show_progress,
+            results_path=out / "predictions" / f"{spec.name}-{config.dtype}-{config.limit}.jsonl",
+        )
+        row = {
+            "name": spec.name, "method": spec.method, "tag": spec.tag, "keep_ratio": spec.keep_ratio,
+            "settings": settings, "scores": {b: s["score"] for b, s in scores.items()},
+            "details": scores, "eval_seconds": time.perf_counter() - tic,
+            "efficiency": _efficiency(model, processor, spec, data_dir, config.repeats),
+        }
+        with results_path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        results[spec.name] = row
+        print(f"[divico demo] {spec.label}: " + ", ".join(
+            f"{BENCHMARK_TITLES[b]} {row['scores'][b]:.1f}" for b in config.benchmarks), flush=True)
+        del model
+    ordered = {spec.name: results[spec.name] for spec in demo_runs(assets, config.ablation)}
+    table1 = format_table1(ordered, config.benchmarks)
+    table3 = format_table3(ordered)
+    print("\n" + table1 + "\n\n" + table3)
+    (out / "tables.md").write_text(table1 + "\n\n" + table3 + "\n")
+    (out / "results.json").write_text(json.dumps(ordered, indent=2))
+    plot_path = plot_results(ordered, config.benchmarks, out / "demo.png")
+    print(f"\nwrote {out / 'tables.md'}, {out / 'results.json'} and {plot_path} "
+          f"({time.perf_counter() - started:.0f} s)")
+    return ordered
+
+
+def relative_improvement(ours: float, best_baseline: float) -> float:
+    """(ours - best) / |best| in percent (the paper's "Improvement" row); 0 when best is 0."""
+    return 0.0 if best_baseline == 0 else 100.0 * (ours - best_baseline) / abs(best_baseline)
+
+
+def format_table1(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...] = BENCHMARK_ORDER) -> str:
+    """Markdown Table I: scores per benchmark and DiViCo's relative improvement over the best baseline."""
+    header = "| Rate | Method | " + " | ".join(BENCHMARK_TITLES[b] + ("" if b == "mme" else " (%)") for b in benchmarks)
+    lines = [header + " |", "|" + "---|" * (len(benchmarks) + 2)]
+
+    def row(rate: str, title: str, scores: dict[str, float]) -> str:
+        return f"| {rate} | {title} | " + " | ".join(f"{scores[b]:.1f}" for b in benchmarks) + " |"
+
+    baseline = results.get("baseline")
+    if baseline is not None:
+        lines.append(row("-", "Baseline", baseline["scores"]))
+    tags = sorted({r["tag"] for r in results.values() if r["tag"]}, key=lambda t: -float(t.removeprefix("keep")))
+    for tag in tags:
+        rate = f"{100 - float(tag.removeprefix('keep')):.1f}%"
+        rows = {r["method"]: r for r in results.values() if r["tag"] == tag}
+        for method in ("fastv", "deco", "divico", "variant_a", "variant_b"):
+            if method in rows:
+                lines.append(row(rate, METHOD_TITLES[method], rows[method]["scores"]))
+        if all(m in rows for m in ("fastv", "deco", "divico")):
+            improvement = {
+                b: relative_improvement(rows["divico"]["scores"][b],
+                                        max(rows["fastv"]["scores"][b], rows["deco"]["scores"][b]))
+                for b in benchmarks
+            }
+            lines.append(f"| {rate} | Improvement | " + " | ".join(f"{improvement[b]:+.1f}%" for b in benchmarks) + " |")
+    return "\n".join(lines)
+
+
+def format_table3(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown Table III: accuracy (TextVQA), FLOPs, peak memory, prefill time, with ratios to the baseline."""
+    baseline = results.get("baseline")
+    lines = ["| Model | Visual tokens | Accuracy (%) | FLOPs (G) | Peak memory (MB) | Prefill (ms) |", "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        e = r["efficiency"]
+        accuracy = r["scores"].get("textvqa", float("nan"))
+        title = "Baseline" if r["method"] == "baseline" else f"{METHOD_TITLES[r['method']]} @{100 - float(r['tag'].removeprefix('keep')):.1f}% compr."
+        lines.append(f"| {title} | {e['kept_tokens']}/{e['visual_tokens']} | {accuracy:.1f} | {e['flops'] / 1e9:.1f} | "
+                     f"{e['peak_memory_bytes'] / 2**20:.0f} | {1000 * e['prefill_seconds']:.0f} |")
+        if baseline is not None and r is not baseline:
+            b = baseline["efficiency"]
+            lines.append(
+                f"| Δ ratio | | {_ratio(accuracy, baseline['scores'].get('textvqa', float('nan')))} | "
+                f"{_ratio(e['flops'], b['flops'])} | {_ratio(e['peak_memory_bytes'], b['peak_memory_bytes'])} | "
+                f"{_ratio(e['prefill_seconds'], b['prefill_seconds'])} |"
+            )
+    return "\n".join(lines)
+
+
+def _ratio(value: float, reference: float) -> str:
+    if not reference or reference != reference:
+        return "-"
+    change = 100.0 * (value - reference) / reference
+    return f"{change:+.1f}%"
+
+
+def plot_results(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...], path: Path) -> Path:
+    """Score (mean of per-benchmark scores relative to the baseline) and prefill latency vs. visual tokens kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    baseline = results["baseline"]
+    fig, (ax_score, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, marker in (("fastv", "o"), ("deco", "s"), ("divico", "D")):
+        rows = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["efficiency"]["kept_tokens"])
+        if not rows:
+            continue
+        kept = [r["efficiency"]["kept_tokens"] for r in rows]
+        relative = [
+            100.0 * sum(r["scores"][b] / baseline["scores"][b] for b in benchmarks if baseline["scores"][b])
+            / max(1, sum(1 for b in benchmarks if baseline["scores"][b]))
+            for r in rows
+        ]
+        ax_score.plot(kept, relative, marker=marker, label=METHOD_TITLES[method])
+        ax_time.plot(kept, [1000 * r["efficiency"]["prefill_seconds"] for r in rows], marker=marker,
+                     label=METHOD_TITLES[method])
+    full = baseline["efficiency"]["visual_tokens"]
+    ax_score.axhline(100, color="red", linestyle="--", label=f"Baseline ({full} tokens)")
+    ax_time.axhline(1000 * baseline["efficiency"]["prefill_seconds"], color="red", linestyle="--",
+                    label=f"Baseline ({full} tokens)")
+    ax_score.set(xlabel="visual tokens kept", ylabel="score relative to baseline (%)",
+                 title="Accuracy kept (mean over benchmarks)")
+    ax_time.set(xlabel="visual tokens kept", ylabel="prefill latency (ms, batch 1)", title="Prefill latency")
+    for ax in (ax_score, ax_time):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,508 @@
+"""DiViCo fine-tuning (paper Sec. III-D, Algorithm 1) on the transformers ``Trainer``.
+
+``loss = loss_LLM + beta * KL`` where ``loss_LLM`` is the causal-LM loss on assistant tokens and ``KL`` is
+:func:`divico.methods.divico.gaussian_kl`: KL(N(mu, sigma^2) || N(0, I)) per dimension, averaged over the kept
+visual tokens and the d dimensions (the per-token KL of Eq. 8 divided by d). The paper's beta = 0.02 is applied to
+this averaged KL; ``beta = 0`` trains without it. Trained: peft LoRA layers on the LLM decoder layers, DiViCo's
+encoder g_theta (all of it), and for ``deco`` the projector; the vision tower and every base weight stay frozen.
+
+Because it is a plain ``Trainer``, ``accelerate launch`` (multi-GPU, DeepSpeed, FSDP) works without code of ours.
+Checkpoints (``OUT/checkpoints/checkpoint-N``) hold only the trained tensors (safetensors) plus the Trainer's
+optimizer / scheduler / RNG state, and a new run with the same output folder resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from divico.api import apply_compression, get_runtime, unwrap_model
+from divico.config import CompressionConfig
+from divico.io import save_compressor
+from divico.runtime import CompressionRuntime
+from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+TRAINABLE_INDEX_NAME = "trainable.json"
+TRAINING_CONFIG_NAME = "training_config.json"
+#: Linear layers of a Llama-style decoder layer that LoRA adapts by default.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PAPER_KEEP_RATIO = 64 / 576
+
+
+@dataclass
+class TrainingConfig:
+    """Everything one training run needs besides the model and processor.
+
+    Parameters
+    ----------
+    data_path
+        LLaVA-format JSON list or JSONL file (see :mod:`divico.training.data`).
+    output_dir
+        Where the trained parts go (``config.json``, ``compressor.safetensors``, ``lora/``), with Trainer
+        checkpoints under ``checkpoints/``. It never holds the base model's weights.
+    image_folder
+        Folder the records' image paths are relative to (default: the data file's folder).
+    compression
+        Method, keep ratio, layer K and encoder. Trainable: ``divico`` (encoder ``variational`` = the paper,
+        ``deterministic`` = Fig. 8 variant b, ``none`` = variant a), ``fastv`` (= variant a) and ``deco``.
+    beta
+        Weight of the KL term, >= 0 (paper: 0.02). The KL is per dimension, averaged over kept tokens and
+        dimensions (see module docstring). Ignored by methods without a KL term.
+    lora_r, lora_alpha, lora_dropout
+        LoRA rank (0 disables LoRA), scaling numerator and dropout.
+    lora_target_modules
+        Which linear layers of the LLM's decoder layers get LoRA: a list of module-name suffixes (default
+        :data:`DEFAULT_LORA_TARGETS`) or a full regex (a string) over module names. Suffixes are restricted to the
+        language model's decoder layers, so the vision tower and projector never get LoRA.
+    learning_rate, weight_decay, warmup, lr_scheduler, max_grad_norm
+        Optimiser settings (``warmup`` < 1 is a share of the steps, >= 1 a step count).
+    num_epochs, max_steps
+        Length of training; ``max_steps > 0`` overrides ``num_epochs``.
+    per_device_batch_size, gradient_accumulation_steps
+        Samples per device per micro-step and micro-steps per optimiser step.
+    bf16
+        bf16 autocast (mixed precision); trained tensors stay float32.
+    gradient_checkpointing
+        Recompute decoder-layer activations in the backward pass (divico's hooks stay outside the checkpoint).
+    seed
+        Seeds LoRA/encoder initialisation, data order, dropout and the encoder's sampling.
+    logging_steps, save_steps, save_total_limit
+        Log loss / KL every ``logging_steps`` optimiser steps; checkpoint every ``save_steps``; keep the newest
+        ``save_total_limit`` checkpoints (None keeps all).
+    dataloader_num_workers
+        DataLoader worker processes.
+    skip_invalid
+        Leave out invalid records (the run reports how many) instead of stopping at the first one.
+    resume
+        Resume from the newest checkpoint in ``output_dir/checkpoints`` when there is one.
+    report_to
+        ``"auto"`` (TensorBoard when installed, else nothing), ``"none"``, or Trainer integrations by name.
+    show_progress
+        Show the Trainer's progress bar.
+    """
+
+    data_path: str | Path
+    output_dir: str | Path
+    image_folder: str | Path | None = None
+    compression: CompressionConfig = field(
+        default_factory=lambda: CompressionConfig(method="divico", keep_ratio=PAPER_KEEP_RATIO, layer=2)
+    )
+    beta: float = 0.02
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | str | None = None
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.03
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    num_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    dataloader_num_workers: int = 0
+    skip_invalid: bool = False
+    resume: bool = True
+    report_to: str | list[str] = "auto"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compression, CompressionConfig):
+            raise TypeError(f"compression must be a divico.CompressionConfig, got {type(self.compression).__name__}.")
+        if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number >= 0 (paper: 0.02), got {self.beta!r}.")
+        _require_int("lora_r", self.lora_r, minimum=0)
+        if self.lora_r and not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if not self.num_epochs > 0:
+            raise ValueError(f"num_epochs must be > 0, got {self.num_epochs!r}.")
+        _require_int("max_steps", self.max_steps, minimum=-1)
+        if self.max_steps == 0:
+            raise ValueError("max_steps must be -1 (use num_epochs) or >= 1, got 0.")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("dataloader_num_workers", self.dataloader_num_workers, minimum=0)
+        if self.save_total_limit is not None:
+            _require_int("save_total_limit", self.save_total_limit, minimum=1)
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 (a share of steps if < 1, else a step count), got {self.warmup!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["compression"] = self.compression.to_dict()
+        for key in ("data_path", "output_dir", "image_folder"):
+            data[key] = None if data[key] is None else str(data[key])
+        return data
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes
+    ----------
+    output_dir
+        Folder with the trained parts (load with ``divico.load_compressor(base_model, output_dir)``).
+    global_step
+        Optimiser steps done in total (including those before a resume).
+    train_loss
+        Mean total loss of this run's steps (as the Trainer reports it).
+    num_samples, num_skipped
+        Records used and records skipped as invalid.
+    resumed_from
+        Checkpoint the run resumed from, or None.
+    trainable_parameters
+        Number of trained scalars.
+    log_history
+        The Trainer's log entries (``loss``, ``kl``, ``learning_rate``, ...).
+    """
+
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    num_samples: int
+    num_skipped: int
+    resumed_from: str | None
+    trainable_parameters: int
+    log_history: list[dict[str, Any]]
+
+
+# --- model preparation -------------------------------------------------------------------------------------------
+def lora_target_regex(model: nn.Module, targets: list[str] | str | None) -> str:
+    """Regex over module names that matches the chosen linear layers inside the LLM's decoder layers only.
+
+    Parameters
+    ----------
+    model
+        The (uncompressed) transformers model.
+    targets
+        Module-name suffixes (default :data:`DEFAULT_LORA_TARGETS`) or a ready regex (returned unchanged).
+    """
+    if isinstance(targets, str):
+        return targets
+    from divico.adapters.base import get_adapter
+
+    layers = get_adapter(unwrap_model(model)).decoder_layers()
+    prefix = next((name for name, module in unwrap_model(model).named_modules() if module is layers), None)
+    if prefix is None:
+        raise TypeError("Could not locate the decoder layers of the language model for LoRA.")
+    names = list(targets) if targets is not None else list(DEFAULT_LORA_TARGETS)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ValueError(f"lora_target_modules must be non-empty module names, got {targets!r}.")
+    return rf"^{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{'|'.join(re.escape(name) for name in names)})$"
+
+
+def prepare_model_for_training(model: nn.Module, config: TrainingConfig) -> CompressionRuntime:
+    """Freeze the model, add LoRA to its decoder layers, apply compression and unfreeze what the method trains.
+
+    LoRA is injected before the compression hooks so that layer K-1's scoring reads the LoRA-adapted q/k.
+
+    Returns
+    -------
+    CompressionRuntime
+        The runtime of the compressed model (its ``method.trainable_modules`` are trained).
+
+    Raises
+    ------
+    ValueError
+        If the model is already compressed, or nothing would be trained (e.g. ``fastv`` with ``lora_r=0``).
+    """
+    base = unwrap_model(model)
+    if get_runtime(base) is not None:
+        raise ValueError(
+            "train() applies config.compression itself; pass an uncompressed model (divico.remove_compression)."
+        )
+    base.requires_grad_(False)
+    if config.lora_r > 0:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_target_regex(base, config.lora_target_modules),
+            bias="none",
+        )
+        inject_adapter_in_model(lora, base)
+    apply_compression(base, config.compression)
+    runtime = get_runtime(base)
+    assert runtime is not None
+    for name, parameter in base.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    for module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).values():
+        module.requires_grad_(True)
+    trained = [p for p in base.parameters() if p.requires_grad]
+    if not trained:
+        raise ValueError(
+            f"Nothing to train: method={config.compression.method!r} (encoder={config.compression.encoder!r}) has "
+            f"no trainable module and lora_r={config.lora_r}; set lora_r >= 1."
+        )
+    # Optimiser state and updates need float32 even when the frozen base runs in bf16.
+    for parameter in trained:
+        if parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    if hasattr(base.config, "use_cache"):
+        base.config.use_cache = False
+    return runtime
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    return sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
+
+
+# --- Trainer -----------------------------------------------------------------------------------------------------
+class DiViCoTrainer(Trainer):
+    """``Trainer`` whose loss adds ``beta * KL`` and whose checkpoints hold only the trained tensors.
+
+    Parameters
+    ----------
+    runtime
+        The compression runtime of the model being trained (its last report carries the KL of a forward).
+    beta
+        KL weight.
+    *args, **kwargs
+        As for ``transformers.Trainer``.
+    """
+
+    def __init__(self, *args: Any, runtime: CompressionRuntime, beta: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.divico_runtime = runtime
+        self.beta = float(beta)
+        self._kl_sum = 0.0
+        self._kl_count = 0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Causal-LM loss (as ``Trainer`` computes it) + beta * KL of this forward."""
+        self.divico_runtime.report = None  # a batch without images must not reuse an older KL
+        loss, outputs = super().compute_loss(
+            model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        report = self.divico_runtime.report
+        kl = report.kl if report is not None else None
+        if kl is not None:
+            self._kl_sum += float(kl.detach())
+            self._kl_count += 1
+            if self.beta > 0:
+                # The LM loss above is already divided over the accumulated batch when normalised by
+                # num_items_in_batch; KL is a per-micro-batch mean, so give it the same share.
+                scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
+                loss = loss + self.beta * kl.to(loss.dtype) / steps
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the mean KL since the last log (and beta) to every training-loss log entry."""
+        if "loss" in logs and self._kl_count:
+            mean_kl = torch.tensor(self._kl_sum / self._kl_count, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
+            logs["kl"] = round(float(mean_kl), 6)
+            logs["beta"] = self.beta
+            self._kl_sum, self._kl_count = 0.0, 0
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write only the trained tensors (safetensors) and their names (JSON); no base weights, no pickle."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        names = trainable_parameter_names(self.model)
+        if state_dict is None:
+            parameters = dict(self.model.named_parameters())
+            tensors = {name: parameters[name].detach().contiguous().cpu() for name in names}
+        else:
+            tensors = {name: state_dict[name].detach().contiguous().cpu() for name in names if name in state_dict}
+        save_file(tensors, os.path.join(output_dir, TRAINABLE_WEIGHTS_NAME), metadata={"format": "pt"})
+        Path(output_dir, TRAINABLE_INDEX_NAME).write_text(json.dumps({"parameters": sorted(tensors)}, indent=2))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Load the trained tensors of a checkpoint written by :meth:`_save`."""
+        model = model if model is not None else self.model
+        path = os.path.join(resume_from_checkpoint, TRAINABLE_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(f"Checkpoint {resume_from_checkpoint} has no {TRAINABLE_WEIGHTS_NAME}.")
+        tensors = load_file(path)
+        expected = set(trainable_parameter_names(model))
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(
+                f"Checkpoint {resume_from_checkpoint} was written for other trained parameters (missing {missing[:3]}, "
+                f"unexpected {extra[:3]}); resume with the same method, encoder and LoRA settings."
+            )
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                parameters[name].copy_(tensor.to(parameters[name].device))
+
+
+def _report_to(setting: str | list[str]) -> str | list[str]:
+    if setting == "auto":
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else "none"
+    return setting
+
+
+def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
+    """transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing; support both."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    arguments: dict[str, Any] = {key: enabled}
+    if enabled:
+        # Non-reentrant checkpointing lets gradients reach LoRA weights although the frozen embeddings' output
+        # does not require grad.
+        arguments[f"{key}_kwargs"] = {"use_reentrant": False}
+    return arguments
+
+
+def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
+    """The ``TrainingArguments`` for ``config`` (output under ``output_dir/checkpoints``)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    # transformers refuses bf16 without a bf16 accelerator unless told explicitly to train on the CPU.
+    bf16_on_cpu = config.bf16 and not is_torch_bf16_gpu_available() and not is_torch_xla_available()
+    return TrainingArguments(
+        output_dir=str(Path(config.output_dir) / CHECKPOINT_SUBDIR),
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup,
+        lr_scheduler_type=config.lr_scheduler,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        bf16=config.bf16,
+        use_cpu=bf16_on_cpu,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        dataloader_num_workers=config.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        report_to=_report_to(config.report_to),
+        disable_tqdm=not config.show_progress,
+        **_checkpointing_arguments(config.gradient_checkpointing),
+    )
+
+
+def last_checkpoint(config: TrainingConfig) -> str | None:
+    """Newest ``checkpoint-N`` folder of a previous run in ``output_dir/checkpoints`` (None if none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(config.output_dir) / CHECKPOINT_SUBDIR
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def train(
+    model: nn.Module,
+    processor: Any,
+    config: TrainingConfig,
+    callbacks: list[TrainerCallback] | None = None,
+) -> TrainResult:
+    """Fine-tune a vision-language model with visual-token compression (Algorithm 1) and save the trained parts.
+
+    Parameters
+    ----------
+    model
+        An uncompressed transformers LVLM (e.g. ``LlavaForConditionalGeneration``), float32 or bf16 weights.
+        It is modified in place: LoRA layers and compression hooks are added.
+    processor
+        Its processor (chat template, fast tokenizer, image processor).
+    config
+        Data, compression, loss and optimisation settings.
+    callbacks
+        Extra ``transformers.TrainerCallback`` objects.
+
+    Returns
+    -------
+    TrainResult
+        Where the trained parts are and how the run went.
+
+    Raises
+    ------
+    divico.training.DataError
+        On an invalid record (unless ``config.skip_invalid``).
+    ValueError
+        On an already-compressed model or a configuration that trains nothing.
+    """
+    from transformers import set_seed
+
+    if not isinstance(config, TrainingConfig):
+        raise TypeError(f"config must be a divico.training.TrainingConfig, got {type(config).__name__}.")
+    set_seed(config.seed)
+    dataset = LlavaJsonDataset(config.data_path, processor, config.image_folder, skip_invalid=config.skip_invalid)
+    if dataset.skipped:
+        print(f"divico train: skipped {len(dataset.skipped)} invalid record(s); training on {len(dataset)}.")
+    runtime = prepare_model_for_training(model, config)
+    base = unwrap_model(model)
+    trainer = DiViCoTrainer(
+        model=base,
+        args=build_training_arguments(config),
+        train_dataset=dataset,
+        data_collator=LeftPaddingCollator(pad_token_id_of(processor)),
+        callbacks=callbacks,
+        runtime=runtime,
+        beta=config.beta,
+    )
+    resume_from = last_checkpoint(config) if config.resume else None
+    if resume_from is not None:
+        print(f"divico train: resuming from {resume_from}")
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    out = Path(config.output_dir)
+    if trainer.args.should_save:
+        save_compressor(base, out)
+        (out / TRAINING_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    return TrainResult(
+        output_dir=out,
+        global_step=int(trainer.state.global_step),
+        train_loss=float(output.training_loss),
+        num_samples=len(dataset),
+        num_skipped=len(dataset.skipped),
+        resumed_from=resume_from,
+        trainable_parameters=sum(p.numel() for p in base.parameters() if p.requires_grad),
+        log_history=list(trainer.state.log_history),
+    )

@@ -1,0 +1,224 @@
+"""Training recipe of divico's default model: one resumable command retrains every shipped checkpoint.
+
+Stages (each writes only its trained parts and is skipped when already finished; an interrupted stage resumes
+from its last Trainer checkpoint):
+
+1. ``stage1``: projector alignment on the caption conversations (projector only).
+2. ``stage2``: instruction tuning on every mini-benchmark style (LoRA on the LLM + projector). The result is the
+   uncompressed *base* model that the demo and every compressor start from (LoRA merged into the weights).
+3. ``compressors/<method>-<keep>``: DiViCo and DeCo at the paper's rates 16.7% / 11.1% / 6.7% of the visual
+   tokens kept, and the ablation variants (a: FastV + LoRA, b: deterministic encoder) at 11.1%.
+
+Stages 1 and 2 use DeCo at ``keep_ratio=1.0`` as the training vehicle: pooling a grid to itself is the identity,
+so this is exactly the uncompressed model with a trainable projector, trained by the same code as every method.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from divico.api import remove_compression
+from divico.config import CompressionConfig
+from divico.io import load_compressor
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+#: The paper's compression rates 83.3% / 88.9% / 93.3%, as shares of visual tokens kept.
+PAPER_KEEP_RATIOS: dict[str, float] = {"keep16.7": 1 / 6, "keep11.1": 1 / 9, "keep6.7": 1 / 15}
+ABLATION_TAG = "keep11.1"
+ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class RecipeConfig:
+    """Sizes and hyper-parameters of the default model's training.
+
+    The defaults are the "quick" budget that fits a couple of CPU hours on 2 cores; scale the step counts up on a
+    GPU (``--steps-scale``).
+    """
+
+    output_dir: Path = Path("runs/default-recipe")
+    image_size: int = 168
+    seed: int = 0
+    data_sizes: dict[str, dict[str, int]] | None = None
+    batch_size: int = 8
+    stage1_steps: int = 60
+    stage1_lr: float = 1e-3
+    stage2_steps: int = 250
+    stage2_lr: float = 2e-4
+    stage2_lora_r: int = 8
+    compressor_steps: int = 40
+    compressor_lr: float = 2e-4
+    compressor_lora_r: int = 8
+    layer: int = 2
+    beta: float = 0.02
+    encoder_hidden_size: int | None = 288
+    keep_ratios: dict[str, float] = field(default_factory=lambda: dict(PAPER_KEEP_RATIOS))
+    threads: int | None = None
+
+    def scaled(self, factor: float) -> "RecipeConfig":
+        if factor <= 0:
+            raise ValueError(f"steps scale must be > 0, got {factor}.")
+        out = RecipeConfig(**asdict(self))
+        out.output_dir = Path(self.output_dir)
+        for name in ("stage1_steps", "stage2_steps", "compressor_steps"):
+            setattr(out, name, max(1, round(getattr(self, name) * factor)))
+        return out
+
+
+def compressor_runs(config: RecipeConfig) -> dict[str, CompressionConfig]:
+    """Name -> compression config of every stage-3 run."""
+    runs: dict[str, CompressionConfig] = {}
+    for tag, ratio in config.keep_ratios.items():
+        runs[f"divico-{tag}"] = CompressionConfig(
+            "divico", keep_ratio=ratio, layer=config.layer, encoder_hidden_size=config.encoder_hidden_size
+        )
+        runs[f"deco-{tag}"] = CompressionConfig("deco", keep_ratio=ratio)
+    if ABLATION_TAG in config.keep_ratios:
+        ratio = config.keep_ratios[ABLATION_TAG]
+        runs[f"variant_a-{ABLATION_TAG}"] = CompressionConfig("fastv", keep_ratio=ratio, layer=config.layer)
+        runs[f"variant_b-{ABLATION_TAG}"] = CompressionConfig(
+            "divico", keep_ratio=ratio, layer=config.layer, encoder="deterministic",
+            encoder_hidden_size=config.encoder_hidden_size,
+        )
+    return runs
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold injected peft LoRA layers into their base linear layers and remove them (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+    return model
+
+
+def load_base(stage_dir: Path, image_size: int = 168, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """The default model with a trained stage (projector and LoRA, merged) applied, uncompressed."""
+    from divico.zoo.default_model import build_default_model
+
+    model, processor = build_default_model(image_size=image_size, torch_dtype=dtype)
+    load_compressor(model, stage_dir)
+    remove_compression(model)
+    merge_lora(model)
+    return model.eval(), processor
+
+
+def load_trained_default(assets_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """The trained default model (uncompressed) from the shipped assets (or a recipe output's ``export``)."""
+    root = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    stage = root / "stage2"
+    if not (stage / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No trained default model at {root}; run `divico retrain-default --export` to train and export it."
+        )
+    meta = json.loads((root / "recipe.json").read_text()) if (root / "recipe.json").is_file() else {}
+    return load_base(stage, image_size=int(meta.get("image_size", 168)), dtype=dtype)
+
+
+def _finished(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and (directory / "training_config.json").is_file()
+
+
+def _train_stage(
+    model: nn.Module, processor: Any, data: Path, image_folder: Path, out: Path, compression: CompressionConfig,
+    steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
+) -> None:
+    from divico.training import TrainingConfig, train
+
+    train(model, processor, TrainingConfig(
+        data_path=data, image_folder=image_folder, output_dir=out, compression=compression, beta=beta,
+        lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), lora_dropout=0.05, lora_target_modules=lora_targets,
+        learning_rate=lr, max_steps=steps, per_device_batch_size=config.batch_size, seed=config.seed,
+        logging_steps=5, save_steps=20, save_total_limit=1, warmup=0.05,
+    ))
+
+
+def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str, str]:
+    """Run (or resume) every stage; returns stage name -> output folder.
+
+    Parameters
+    ----------
+    config
+        Sizes and hyper-parameters.
+    only
+        Stage-3 run names to train (default: all of :func:`compressor_runs`).
+    """
+    from divico.data import write_benchmark_splits
+    from divico.zoo.default_model import build_default_model
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    data = out / "data"
+    if not (data / "manifest.json").is_file():
+        write_benchmark_splits(data, seed=config.seed, sizes=config.data_sizes, image_size=config.image_size)
+    conversations = json.loads((data / "llava_train.json").read_text())
+    captions = data / "llava_train_captions.json"
+    if not captions.is_file():
+        captions.write_text(json.dumps([c for c in conversations if str(c["id"]).startswith("caption")]))
+    keep_all = CompressionConfig("deco", keep_ratio=1.0)
+    done: dict[str, str] = {}
+
+    stage1 = out / "stage1"
+    if not _finished(stage1):
+        model, processor = build_default_model(image_size=config.image_size)
+        _train_stage(model, processor, captions, data, stage1, keep_all, config.stage1_steps, config.stage1_lr,
+                     0, config, None, 0.0)
+    done["stage1"] = str(stage1)
+
+    stage2 = out / "stage2"
+    if not _finished(stage2):
+        model, processor = build_default_model(image_size=config.image_size)
+        load_compressor(model, stage1)
+        remove_compression(model)
+        _train_stage(model, processor, data / "llava_train.json", data, stage2, keep_all, config.stage2_steps,
+                     config.stage2_lr, config.stage2_lora_r, config, None, 0.0)
+    done["stage2"] = str(stage2)
+
+    for name, compression in compressor_runs(config).items():
+        if only is not None and name not in only:
+            continue
+        target = out / "compressors" / name
+        if not _finished(target):
+            model, processor = load_base(stage2, image_size=config.image_size)
+            _train_stage(model, processor, data / "llava_train.json", data, target, compression,
+                         config.compressor_steps, config.compressor_lr, config.compressor_lora_r, config,
+                         ATTENTION_LORA_TARGETS, config.beta)
+        done[name] = str(target)
+    return done
+
+
+def export_assets(output_dir: str | Path, assets_dir: str | Path = ASSETS_DIR) -> Path:
+    """Copy only the trained parts of a finished recipe (no Trainer checkpoints) into ``assets_dir``."""
+    source = Path(output_dir)
+    target = Path(assets_dir)
+    stages = [source / "stage1", source / "stage2", *sorted((source / "compressors").glob("*"))]
+    for stage in stages:
+        if not _finished(stage):
+            continue
+        destination = target / stage.relative_to(source)
+        if destination.exists():
+            shutil.rmtree(destination)
+        destination.mkdir(parents=True)
+        for item in stage.iterdir():
+            if item.name == "checkpoints":
+                continue
+            if item.is_dir():
+                shutil.copytree(item, destination / item.name)
+            else:
+                shutil.copy2(item, destination / item.name)
+    if (source / "recipe.json").is_file():
+        shutil.copy2(source / "recipe.json", target / "recipe.json")
+    return target

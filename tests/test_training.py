@@ -1,0 +1,432 @@
+"""Tests of divico.training: LLaVA data, loss = LM + beta * KL, what is trained, resume, save/load, the CLI.
+
+Everything runs on the tiny random LLaVA of tests/tiny_models.py with a matching tiny word-level tokenizer and
+32 px PNGs written to tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import IMAGE_TOKEN_ID, TOKENS_PER_IMAGE, VOCAB_SIZE, tiny_llava
+from transformers import LlavaProcessor, PreTrainedTokenizerFast, TrainerCallback
+
+import divico
+from divico.methods.divico import gaussian_kl
+from divico.training import (
+    DataError,
+    LeftPaddingCollator,
+    LlavaJsonDataset,
+    TrainingConfig,
+    encode_conversation,
+    train,
+)
+from divico.training.data import Turn
+from divico.training.trainer import DiViCoTrainer, build_training_arguments, prepare_model_for_training
+
+WORDS = [
+    "what", "color", "is", "the", "shape", "a", "red", "blue", "green", "circle", "square", "how", "many", "one", "two",
+]
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system"]
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<image>\\n' }}{%- else -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    # Two threads on a shared 2-core machine make these millisecond-sized steps 30x slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_processor() -> LlavaProcessor:
+    """Word-level tokenizer whose ids fit the tiny model (vocab 128, ``<image>`` = 120) + a 32 px image processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {token: index for index, token in enumerate(SPECIALS + WORDS)}
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), VOCAB_SIZE) if i != IMAGE_TOKEN_ID})
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", "<image>"], chat_template=CHAT_TEMPLATE,
+    )
+    square = {"height": 32, "width": 32}
+    image_processor = CLIPImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=4, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, image_token="<image>", chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write_images(folder: Path, count: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(count):
+        pixels = np.zeros((32, 32, 3), np.uint8)
+        pixels[8:24, 8:24] = list(COLORS.values())[index % 3]
+        names.append(f"{index}.png")
+        Image.fromarray(pixels).save(folder / names[-1])
+    return names
+
+
+def write_color_data(root: Path, count: int = 8) -> tuple[Path, Path]:
+    """``count`` one-image records asking the colour of the square; returns (data file, image folder)."""
+    images = root / "images"
+    names = write_images(images, count)
+    records = [
+        {"id": f"s{index}", "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nwhat color is the shape"},
+            {"from": "gpt", "value": list(COLORS)[index % 3]},
+        ]}
+        for index, name in enumerate(names)
+    ]
+    data = root / "train.json"
+    data.write_text(json.dumps(records, indent=1))
+    return data, images
+
+
+def config_for(root: Path, data: Path, images: Path, **overrides: Any) -> TrainingConfig:
+    method = overrides.pop("method", "divico")
+    encoder = overrides.pop("encoder", "variational")
+    settings: dict[str, Any] = {
+        "data_path": data, "image_folder": images, "output_dir": root / "out",
+        "compression": divico.CompressionConfig(method=method, keep_ratio=0.25, layer=2, encoder=encoder),
+        "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "learning_rate": 5e-3, "warmup": 0,
+        "lr_scheduler": "constant",
+        "per_device_batch_size": 4, "max_steps": 4, "logging_steps": 1, "save_steps": 1000, "show_progress": False,
+        "report_to": "none", "seed": 0,
+    }
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def trained_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = dict(load_file(str(folder / "compressor.safetensors")))
+    tensors.update({f"lora.{k}": v for k, v in load_file(str(folder / "lora" / "adapter_model.safetensors")).items()})
+    return tensors
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+def test_labels_keep_only_assistant_turns() -> None:
+    processor = tiny_processor()
+    turns = [
+        Turn("user", "<image>\nwhat color is the shape"), Turn("assistant", "red"),
+        Turn("user", "how many"), Turn("assistant", "one square"),
+    ]
+    image = Image.new("RGB", (32, 32))
+    example = encode_conversation(processor, turns, [image])
+    vocab = processor.tokenizer.get_vocab()
+    start, end, user, assistant = (vocab[t] for t in ("<|im_start|>", "<|im_end|>", "user", "assistant"))
+    words = [vocab[w] for w in ["what", "color", "is", "the", "shape"]]
+    # Hand-built expectation: ChatML turns, 64 image tokens, labels = answer words + their <|im_end|>.
+    expected_ids = (
+        [start, user] + [IMAGE_TOKEN_ID] * TOKENS_PER_IMAGE + words + [end]
+        + [start, assistant, vocab["red"], end]
+        + [start, user, vocab["how"], vocab["many"], end]
+        + [start, assistant, vocab["one"], vocab["square"], end]
+    )
+    assert example["input_ids"].tolist() == expected_ids
+    first_answer = 2 + TOKENS_PER_IMAGE + len(words) + 1 + 2  # after the user turn and "<|im_start|> assistant"
+    n = len(expected_ids)
+    labelled = {first_answer, first_answer + 1, n - 3, n - 2, n - 1}  # red <|im_end|> ... one square <|im_end|>
+    expected_labels = [token if i in labelled else -100 for i, token in enumerate(expected_ids)]
+    assert example["labels"].tolist() == expected_labels
+    assert example["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_collator_pads_on_the_left() -> None:
+    examples = [
+        {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]), "pixel_values": torch.ones(1, 3)},
+        {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])},
+    ]
+    batch = LeftPaddingCollator(pad_token_id=0)(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["pixel_values"].shape == (1, 3)
+
+
+GOOD = {"id": "ok", "image": "0.png", "conversations": [
+    {"from": "human", "value": "<image>\nwhat color"}, {"from": "gpt", "value": "red"}]}
+BAD_RECORDS = {
+    "missing image": ({"id": "bad", "image": "nope.png", "conversations": GOOD["conversations"]},
+                      "image file not found"),
+    "no <image> placeholder": ({"id": "bad", "image": "0.png", "conversations": [
+        {"from": "human", "value": "what color"}, {"from": "gpt", "value": "red"}]}, "no <image>"),
+    "empty conversation": ({"id": "bad", "image": "0.png", "conversations": []}, "empty conversation"),
+    "no conversations": ({"id": "bad", "image": "0.png"}, "malformed record: no 'conversations'"),
+    "unknown role": ({"id": "bad", "conversations": [{"from": "robot", "value": "hi"}]}, "'from'='robot'"),
+    "value not text": ({"id": "bad", "conversations": [{"from": "gpt", "value": 3}]}, "'value' must be a string"),
+    "no assistant turn": ({"id": "bad", "conversations": [{"from": "human", "value": "hi"}]}, "no assistant"),
+    "placeholder without image": ({"id": "bad", "conversations": GOOD["conversations"]}, "1 <image> placeholder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_each_bad_record_raises_an_error_naming_id_and_line(tmp_path: Path, case: str) -> None:
+    write_images(tmp_path, 1)
+    record, problem = BAD_RECORDS[case]
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=rf"train\.jsonl:3: record id='bad': .*{problem}") as info:
+        LlavaJsonDataset(data, tiny_processor(), tmp_path)
+    assert (info.value.line, info.value.record_id) == (3, "bad")
+
+
+def test_malformed_json_and_non_object_records_name_their_line(tmp_path: Path) -> None:
+    write_images(tmp_path, 1)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"train\.jsonl:2: record \(no id\): malformed record: not valid JSON"):
+        LlavaJsonDataset(data, tiny_processor(), tmp_path)
+    listing = tmp_path / "train.json"
+    listing.write_text("[\n" + json.dumps(GOOD) + ",\n\n  [1, 2]\n]")
+    with pytest.raises(DataError, match=r"train\.json:4: .*expected a JSON object, got list"):
+        LlavaJsonDataset(listing, tiny_processor(), tmp_path)
+
+
+def test_skip_invalid_leaves_bad_records_out_and_counts_them(tmp_path: Path) -> None:
+    write_images(tmp_path, 1)
+    data = tmp_path / "train.json"
+    bad = [record for record, _ in BAD_RECORDS.values()]
+    data.write_text(json.dumps([GOOD, *bad, GOOD]))
+    dataset = LlavaJsonDataset(data, tiny_processor(), tmp_path, skip_invalid=True)
+    assert len(dataset) == 2
+    assert len(dataset.skipped) == len(bad)
+    assert all(error.record_id == "bad" for error in dataset.skipped)
+
+
+# --- loss ----------------------------------------------------------------------------------------------------------
+def test_gaussian_kl_matches_closed_form_on_hand_made_mu_sigma() -> None:
+    mu = torch.tensor([[0.0, 1.0, -2.0], [0.5, 0.0, 3.0]])
+    sigma = torch.tensor([[1.0, 0.5, 2.0], [0.1, 1.0, 1.5]])
+    expected = sum(
+        0.5 * (m * m + s * s - 1.0 - 2.0 * math.log(s)) for m, s in zip(mu.flatten().tolist(), sigma.flatten().tolist())
+    ) / mu.numel()
+    assert float(gaussian_kl(mu, sigma.log())) == pytest.approx(expected, rel=1e-6)
+    assert float(gaussian_kl(torch.zeros(4, 3), torch.zeros(4, 3))) == 0.0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_training_loss_is_lm_loss_plus_beta_times_closed_form_kl(tmp_path: Path, beta: float) -> None:
+    data, images = write_color_data(tmp_path, 4)
+    processor = tiny_processor()
+    model = tiny_llava()
+    config = config_for(tmp_path, data, images, beta=beta)
+    runtime = prepare_model_for_training(model, config)
+    hidden = runtime.adapter.hidden_size()
+    mu = torch.linspace(-1.0, 1.0, hidden)
+    sigma = torch.linspace(0.2, 2.0, hidden)
+    with torch.no_grad():  # g_theta outputs the same hand-made (mu, log sigma) for every kept token
+        model.divico_compressor.fc2.weight.zero_()
+        model.divico_compressor.fc2.bias.copy_(torch.cat([mu, sigma.log()]))
+    closed_form = float((0.5 * (mu**2 + sigma**2 - 1.0 - 2.0 * sigma.log())).mean())
+    dataset = LlavaJsonDataset(data, processor, images)
+    trainer = DiViCoTrainer(
+        model=model, args=build_training_arguments(config), train_dataset=dataset,
+        data_collator=LeftPaddingCollator(0), runtime=runtime, beta=beta,
+    )
+    batch = LeftPaddingCollator(0)([dataset[i] for i in range(4)])
+    model.train()
+    loss, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+    assert float(divico.last_report(model).kl.detach()) == pytest.approx(closed_form, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(outputs.loss.detach()) + beta * closed_form, rel=1e-6)
+    if beta == 0.0:
+        assert torch.equal(loss, outputs.loss)
+
+
+# --- training --------------------------------------------------------------------------------------------------------
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("method", "encoder", "trained_prefixes"),
+    [
+        ("divico", "variational", ("divico_compressor.",)),
+        ("divico", "deterministic", ("divico_compressor.",)),
+        ("fastv", "variational", ()),
+        ("deco", "variational", ("model.multi_modal_projector.",)),
+    ],
+)
+def test_only_intended_parameters_change(
+    tmp_path: Path, method: str, encoder: str, trained_prefixes: tuple[str, ...]
+) -> None:
+    data, images = write_color_data(tmp_path)
+    model = tiny_llava()
+    before = _snapshot(model)
+    train(model, tiny_processor(), config_for(tmp_path, data, images, method=method, encoder=encoder, max_steps=3))
+    after = _snapshot(model)
+    changed = {name for name in after if name not in before or not torch.equal(before[name], after[name])}
+    base_changed = {name for name in changed if name in before and not name.startswith(trained_prefixes)}
+    assert base_changed == set(), f"frozen weights changed: {sorted(base_changed)[:5]}"
+    lora = {name for name in after if "lora_" in name}
+    assert lora and all(".language_model.layers." in name for name in lora)
+    assert {name for name in lora if "lora_B" in name} <= changed  # lora_B starts at zero, so training moved it
+    for prefix in trained_prefixes:
+        assert any(name.startswith(prefix) for name in changed), f"{prefix} was not trained"
+    assert not any(name.startswith("model.vision_tower.") for name in changed)
+
+
+def test_loss_falls_and_trained_parts_reload_with_identical_logits(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path)
+    processor = tiny_processor()
+    model = tiny_llava()
+    result = train(model, processor, config_for(tmp_path, data, images, max_steps=12))
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert len(losses) == 12 and all("kl" in entry for entry in result.log_history if "loss" in entry)
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    assert sorted(p.name for p in result.output_dir.iterdir()) == [
+        "checkpoints", "compressor.safetensors", "config.json", "lora", "training_config.json"]
+    meta = json.loads((result.output_dir / "config.json").read_text())
+    assert meta["hidden_size"] == 64 and meta["lora"]["r"] == 4
+
+    batch = LeftPaddingCollator(0)([LlavaJsonDataset(data, processor, images)[i] for i in range(3)])
+    batch.pop("labels")
+    model.eval()
+    with torch.no_grad():
+        trained_logits = model(**batch).logits
+    fresh = tiny_llava()
+    divico.load_compressor(fresh, result.output_dir)
+    with torch.no_grad():
+        reloaded_logits = fresh(**batch).logits
+        base_logits = tiny_llava()(**batch).logits
+    assert torch.equal(trained_logits, reloaded_logits)
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)  # the reload restored real training
+
+    with pytest.raises(ValueError, match="decoder layers"):
+        divico.load_compressor(tiny_llava(num_layers=3), result.output_dir)
+
+
+class KillAt(TrainerCallback):
+    """Simulates a kill right after the checkpoint at ``step`` is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+def test_run_killed_mid_way_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path)
+    processor = tiny_processor()
+    # LoRA dropout, the variational encoder's sampling and a cosine schedule all depend on resumed state.
+    settings = {
+        "max_steps": 6, "save_steps": 3, "lora_dropout": 0.1, "lr_scheduler": "cosine", "per_device_batch_size": 3,
+    }
+    killed = config_for(tmp_path / "killed", data, images, **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llava(), processor, killed, callbacks=[KillAt(3)])
+    resumed = train(tiny_llava(), processor, killed)
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-3")
+    assert resumed.global_step == 6
+    straight = train(tiny_llava(), processor, config_for(tmp_path / "straight", data, images, **settings))
+    assert straight.resumed_from is None
+    a, b = trained_tensors(resumed.output_dir), trained_tensors(straight.output_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    # ... and they did train: the resumed weights differ from the checkpoint they started from.
+    checkpoint = load_file(str(Path(resumed.resumed_from) / "trainable.safetensors"))
+    assert not torch.equal(checkpoint["divico_compressor.fc2.weight"], b["compressor.fc2.weight"])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path, 4)
+    processor = tiny_processor()
+    batch = LeftPaddingCollator(0)([LlavaJsonDataset(data, processor, images)[i] for i in range(4)])
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_llava()
+        prepare_model_for_training(model, config_for(tmp_path, data, images, encoder="deterministic"))
+        with torch.no_grad():
+            model.divico_compressor.fc2.weight.normal_(std=0.05)  # a non-zero gap, so the encoder gets gradients
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2x name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        model.train()
+        model(**batch, use_cache=False).loss.backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7, msg=name)
+    assert float(gradients[0]["divico_compressor.fc1.weight"].abs().sum()) > 0
+
+
+def test_cli_trains_from_a_model_folder(tmp_path: Path) -> None:
+    from divico.cli import main
+
+    data, images = write_color_data(tmp_path, 4)
+    model_dir = tmp_path / "base"
+    tiny_llava().save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    out = tmp_path / "cli-out"
+    code = main([
+        "train", "--model", str(model_dir), "--data", str(data), "--image-folder", str(images),
+        "--output", str(out), "--method", "divico", "--keep-ratio", "0.25", "--layer", "2", "--lora-r", "2",
+        "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--bf16", "--gradient-checkpointing",
+        "--no-progress", "--logging-steps", "1",
+    ])
+    assert code == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["compression"]["keep_ratio"] == 0.25 and meta["lora"]["r"] == 2
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    # Trained tensors are saved in float32 although the frozen base ran in bf16.
+    assert all(t.dtype == torch.float32 for t in trained_tensors(out).values())
+
+
+def test_cli_reports_a_bad_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from divico.cli import main
+
+    write_images(tmp_path, 1)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(BAD_RECORDS["missing image"][0]) + "\n")
+    model_dir = tmp_path / "base"
+    tiny_llava().save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    code = main(["train", "--model", str(model_dir), "--data", str(data), "--image-folder", str(tmp_path),
+                 "--output", str(tmp_path / "o"), "--max-steps", "1"])
+    assert code == 2
+    assert "train.jsonl:1: record id='bad': image file not found" in capsys.readouterr().err
+
+
+def test_training_config_rejects_bad_values(tmp_path: Path) -> None:
+    base = {"data_path": "x.json", "output_dir": tmp_path}
+    with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
+        TrainingConfig(**base, beta=-0.1)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps must be >= 1, got 0"):
+        TrainingConfig(**base, gradient_accumulation_steps=0)
+    with pytest.raises(TypeError, match="lora_r must be an integer"):
+        TrainingConfig(**base, lora_r=2.5)  # type: ignore[arg-type]
+
+
+def test_nothing_to_train_is_refused(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path, 1)
+    with pytest.raises(ValueError, match="Nothing to train"):
+        train(tiny_llava(), tiny_processor(), config_for(tmp_path, data, images, method="fastv", lora_r=0))
