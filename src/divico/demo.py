@@ -328,3 +328,38 @@ def plot_results(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...]
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+SLICE_RUNS = ("baseline", "fastv-keep11.1", "divico-keep11.1", "deco-keep11.1")
+
+
+def demo_slice(
+    assets_dir: Path | None = None, data_dir: Path | None = None, limit: int = 1, runs: tuple[str, ...] = SLICE_RUNS,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """A small, deterministic slice of the demo (float32, the first ``limit`` groups of every benchmark).
+
+    ``docs/demo_slice.json`` holds its output for the shipped checkpoints; a test re-runs it and checks that
+    the figures agree.
+    """
+    from divico.data import write_benchmark_splits
+    from divico.evaluation import evaluate_benchmarks
+    from divico.zoo.default_model import default_cache_root
+    from divico.zoo.recipe import ASSETS_DIR, load_trained_default
+
+    assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    data = Path(data_dir) if data_dir is not None else default_cache_root() / "demo-data"
+    if not (data / "manifest.json").is_file():
+        write_benchmark_splits(data, seed=0, show_progress=show_progress)
+    base, processor = load_trained_default(assets, dtype=torch.float32)
+    specs = {spec.name: spec for spec in demo_runs(assets)}
+    out: dict[str, Any] = {"limit": limit, "dtype": "float32", "runs": {}}
+    for name in runs:
+        if name not in specs:
+            raise ValueError(f"Unknown demo run {name!r}; valid: {sorted(specs)}.")
+        model = _prepare(base, specs[name])
+        scores = evaluate_benchmarks(model, processor, data, BENCHMARK_ORDER, split="test", limit=limit,
+                                     batch_size=8, max_new_tokens=8, show_progress=show_progress)
+        out["runs"][name] = {b: round(float(s["score"]), 4) for b, s in scores.items()}
+        del model
+    return out

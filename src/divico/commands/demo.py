@@ -24,12 +24,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--assets", type=Path, default=None, help="trained checkpoints (default: shipped)")
     parser.add_argument("--data", type=Path, default=None, help="mini-benchmark folder (generated if missing)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--slice-out", type=Path, default=None,
+                        help="only compute the small deterministic slice that tests check, and write it here")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from divico.demo import DemoConfig, run_demo
 
+    if args.slice_out is not None:
+        import json
+
+        from divico.demo import demo_slice
+
+        result = demo_slice(assets_dir=args.assets, data_dir=args.data, show_progress=not args.no_progress)
+        args.slice_out.parent.mkdir(parents=True, exist_ok=True)
+        args.slice_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        print(json.dumps(result, indent=2))
+        return 0
     try:
         config = DemoConfig(
             out_dir=args.out, assets_dir=args.assets, data_dir=args.data, limit=None if args.full else args.limit,

@@ -47,13 +47,13 @@ class RecipeConfig:
     image_size: int = 168
     seed: int = 0
     data_sizes: dict[str, dict[str, int]] | None = None
-    batch_size: int = 8
-    stage1_steps: int = 30
+    batch_size: int = 4
+    stage1_steps: int = 10
     stage1_lr: float = 1e-3
-    stage2_steps: int = 120
+    stage2_steps: int = 100
     stage2_lr: float = 2e-4
     stage2_lora_r: int = 8
-    compressor_steps: int = 20
+    compressor_steps: int = 15
     compressor_lr: float = 2e-4
     compressor_lora_r: int = 8
     layer: int = 2
