@@ -84,3 +84,21 @@ def test_tables_compute_improvement_and_ratios_by_hand():
     # FLOPs 11 vs 40 G: -72.5 %; memory 210 vs 400 MB: -47.5 %; time 110 vs 200 ms: -45.0 %; accuracy -7.6 %
     assert "| Δ ratio | | -7.6% | -72.5% | -47.5% | -45.0% |" in table3
     assert "| DiViCo @88.9% compr. | 16/144 | 46.2 | 11.0 | 210 | 110 |" in table3
+
+
+def test_finished_stages_reopen_for_more_steps_or_a_new_base(tmp_path):
+    from divico.zoo.recipe import _finished
+
+    stage = tmp_path / "stage"
+    (stage / "checkpoints" / "checkpoint-30").mkdir(parents=True)
+    (stage / "config.json").write_text("{}")
+    (stage / "training_config.json").write_text(json.dumps({"max_steps": 30}))
+    (stage / "recipe_base.json").write_text(json.dumps({"stage2_steps": 550}))
+    assert _finished(stage, 30, {"stage2_steps": 550})
+    assert _finished(stage, 20, {"stage2_steps": 550})
+    assert not _finished(stage, 60, {"stage2_steps": 550})  # more steps asked: resume from the checkpoint
+    assert (stage / "checkpoints" / "checkpoint-30").is_dir() and not (stage / "config.json").exists()
+    (stage / "config.json").write_text("{}")
+    (stage / "training_config.json").write_text(json.dumps({"max_steps": 30}))
+    assert not _finished(stage, 30, {"stage2_steps": 1000})  # the base changed: start over
+    assert not (stage / "checkpoints").exists()

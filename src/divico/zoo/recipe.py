@@ -50,10 +50,10 @@ class RecipeConfig:
     batch_size: int = 4
     stage1_steps: int = 10
     stage1_lr: float = 1e-3
-    stage2_steps: int = 100
+    stage2_steps: int = 550
     stage2_lr: float = 2e-4
     stage2_lora_r: int = 8
-    compressor_steps: int = 15
+    compressor_steps: int = 30
     compressor_lr: float = 2e-4
     compressor_lora_r: int = 8
     layer: int = 2
@@ -125,8 +125,28 @@ def load_trained_default(assets_dir: str | Path | None = None, dtype: torch.dtyp
     return load_base(stage, image_size=int(meta.get("image_size", 168)), dtype=dtype)
 
 
-def _finished(directory: Path) -> bool:
-    return (directory / "config.json").is_file() and (directory / "training_config.json").is_file()
+def _finished(directory: Path, steps: int | None = None, base: dict[str, Any] | None = None) -> bool:
+    """A stage is finished when its outputs exist, it ran at least ``steps`` steps and on the same ``base``.
+
+    A stage that ran fewer steps (a larger ``--steps-scale``) is reopened: its outputs are removed and training
+    resumes from its last Trainer checkpoint. A stage trained on another base stage is retrained.
+    """
+    config_path, training_path = directory / "config.json", directory / "training_config.json"
+    if not (config_path.is_file() and training_path.is_file()):
+        return False
+    ran = int(json.loads(training_path.read_text()).get("max_steps", -1))
+    recorded = json.loads((directory / "recipe_base.json").read_text()) if (directory / "recipe_base.json").is_file() else {}
+    if (steps is None or ran >= steps) and (base is None or recorded == base):
+        return True
+    config_path.unlink()
+    training_path.unlink()
+    if base is not None and recorded != base:
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    return False
+
+
+def _stage_steps(directory: Path) -> int:
+    return int(json.loads((directory / "training_config.json").read_text())["max_steps"])
 
 
 def _train_stage(
@@ -172,14 +192,14 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     done: dict[str, str] = {}
 
     stage1 = out / "stage1"
-    if not _finished(stage1):
+    if not _finished(stage1, config.stage1_steps):
         model, processor = build_default_model(image_size=config.image_size)
         _train_stage(model, processor, captions, data, stage1, keep_all, config.stage1_steps, config.stage1_lr,
                      0, config, None, 0.0)
     done["stage1"] = str(stage1)
 
     stage2 = out / "stage2"
-    if not _finished(stage2):
+    if not _finished(stage2, config.stage2_steps):
         model, processor = build_default_model(image_size=config.image_size)
         load_compressor(model, stage1)
         remove_compression(model)
@@ -191,11 +211,13 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         if only is not None and name not in only:
             continue
         target = out / "compressors" / name
-        if not _finished(target):
+        base = {"stage2_steps": _stage_steps(stage2)}
+        if not _finished(target, config.compressor_steps, base):
             model, processor = load_base(stage2, image_size=config.image_size)
             _train_stage(model, processor, data / "llava_train.json", data, target, compression,
                          config.compressor_steps, config.compressor_lr, config.compressor_lora_r, config,
                          ATTENTION_LORA_TARGETS, config.beta)
+            (target / "recipe_base.json").write_text(json.dumps(base))
         done[name] = str(target)
     return done
 
