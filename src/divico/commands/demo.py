@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (resumable)")
     parser.add_argument("--full", action="store_true", help="evaluate the complete test splits (slow)")
-    parser.add_argument("--limit", type=int, default=8, help="scoring groups per benchmark (default 8)")
+    parser.add_argument("--limit", type=int, default=24, help="scoring groups per benchmark (default 24)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefill repeats")
