@@ -7,7 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import divico
-from tiny_models import TOKENS_PER_IMAGE, make_batch, prompt_ids, sample, tiny_llava, tiny_llava_config
+from tiny_models import (
+    TOKENS_PER_IMAGE, make_batch, prompt_ids, randomize_compressor, sample, tiny_llava, tiny_llava_config,
+)
 
 LAYER = 2
 GEN = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -25,15 +27,6 @@ def _clean(request):
         if name in request.fixturenames:
             divico.remove_compression(request.getfixturevalue(name))
 
-
-def randomize_compressor(model: torch.nn.Module, seed: int = 1) -> None:
-    """Give the (zero-initialised) trainable parts non-trivial weights so they change the output."""
-    runtime = divico.get_runtime(model)
-    generator = torch.Generator().manual_seed(seed)
-    for module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).values():
-        with torch.no_grad():
-            for param in module.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
 def mixed_batch() -> tuple[list[list[int]], list[int]]:

@@ -12,6 +12,7 @@ from transformers import (
 )
 
 import divico
+from tiny_models import randomize_compressor
 
 IMAGE, VIDEO, START, END, PAD = 120, 121, 122, 123, 0
 VOCAB, MERGE, PATCH, TEMPORAL = 128, 2, 2, 2
@@ -89,14 +90,6 @@ def mixed_prompts() -> list[dict]:
             prompt([item("image", 1, 4, 12, 2), item("video", 2, 4, 8, 3)], 2, 3, seed=2),
             prompt([], 6, 4, seed=3)]
 
-
-def randomize_compressor(model: torch.nn.Module, seed: int = 1) -> None:
-    runtime = divico.get_runtime(model)
-    generator = torch.Generator().manual_seed(seed)
-    for module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).values():
-        with torch.no_grad():
-            for param in module.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from transformers import (
 )
 
 import divico
+from tiny_models import randomize_compressor
 
 IMAGE, VIDEO, PAD, VOCAB = 120, 121, 0, 128
 IMAGE_SIZE, PATCH = 16, 4
@@ -66,14 +67,6 @@ def make_batch(specs: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
 
 SPECS = [(0, 1, 1), (1, 0, 2), (1, 1, 3)]  # video only (68 tokens), image only (16), both (84)
 
-
-def randomize_compressor(model: torch.nn.Module, seed: int = 1) -> None:
-    runtime = divico.get_runtime(model)
-    generator = torch.Generator().manual_seed(seed)
-    for module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).values():
-        with torch.no_grad():
-            for param in module.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,15 @@ def make_batch(prompts: list[list[int]], images_per_prompt: list[int], seed: int
 
 def sample(num_images: int = 1, text_before: int = 5, text_after: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     return make_batch([prompt_ids(num_images, text_before, text_after, seed)], [num_images], seed=seed)
+
+
+def randomize_compressor(model: torch.nn.Module, seed: int = 1) -> None:
+    """Perturb the trainable parts of a compressed model (zero-initialised g_theta included) so they act."""
+    import divico
+
+    runtime = divico.get_runtime(model)
+    generator = torch.Generator().manual_seed(seed)
+    for module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).values():
+        with torch.no_grad():
+            for param in module.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)

@@ -248,11 +248,11 @@ def _vision_flops(vision_config: Any, patches_per_image: int, images: int, layer
         mlp = int(vision_config.intermediate_size)
     elif model_type == "dinov2":
         if getattr(vision_config, "use_swiglu_ffn", False):
-            raise NotImplementedError("Dinov2 with a SwiGLU FFN is not counted")
+            raise ValueError("Dinov2 with a SwiGLU FFN (use_swiglu_ffn=True) is not counted; supported: CLIP, Dinov2 with an MLP FFN")
         tokens = patches_per_image + 1
         mlp = int(hidden * vision_config.mlp_ratio)
     else:
-        raise NotImplementedError(f"vision tower {model_type!r} is not counted; supported: CLIP, Dinov2")
+        raise ValueError(f"vision tower {model_type!r} is not counted; supported: CLIP, Dinov2")
     patch = int(vision_config.patch_size)
     channels = int(getattr(vision_config, "num_channels", 3))
     embedding = 2 * patches_per_image * hidden * channels * patch * patch
