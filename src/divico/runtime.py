@@ -51,7 +51,7 @@ class _DecodeState:
     """What later decode steps need from a compressed prefill; stored on the cache object it belongs to."""
 
     owner: "CompressionRuntime"
-    prefill_length: int
+    prefill_cache_length: int  # layer 0's cache length after the prefill (full for layer-level, short for DeCo)
     compressed_mask_2d: torch.Tensor  # (B, M)
     position_shift: torch.Tensor  # (B,) subtracted from generate()'s full-prompt position ids (input-level methods)
 
@@ -70,7 +70,6 @@ class _Step:
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, Any] = field(default_factory=dict)
     decode: _DecodeState | None = None
-    full_length: int = 0
 
 
 class CompressionRuntime:
@@ -186,8 +185,7 @@ class CompressionRuntime:
             at_query = visual[:, -1] if query_positions is None else visual.gather(1, query_positions[:, None])[:, 0]
             if bool(at_query.any()):
                 raise ValueError("The last prompt token is a visual token; the prompt must end with text.")
-            self._step = _Step(phase="prefill", attention_mask_2d=attention_mask, visual=visual,
-                               full_length=visual.shape[1])
+            self._step = _Step(phase="prefill", attention_mask_2d=attention_mask, visual=visual)
             if isinstance(self.method, InputCompressionMethod):
                 return self._rewrite_inputs_for_prefill(args, kwargs, input_ids, visual)
             if self.config.per_frame_keep:
@@ -210,7 +208,8 @@ class CompressionRuntime:
             cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         if cache is not None:
             shift = step.position_shift if step.position_shift is not None else step.selection.removed_visual.sum(1)
-            setattr(cache, _STATE_ATTR, _DecodeState(self, step.full_length, step.compressed_mask_2d, shift))
+            state = _DecodeState(self, _cache_length(cache), step.compressed_mask_2d, shift)
+            setattr(cache, _STATE_ATTR, state)
 
     # --- input-level methods (DeCo) --------------------------------------------------------------------------
     def _rewrite_inputs_for_prefill(
@@ -283,9 +282,7 @@ class CompressionRuntime:
             hidden = self._compress(hidden, kwargs, cache)
         if step.phase == "decode" and not step.masks:
             assert step.decode is not None
-            full_length = _cache_length(cache) + hidden.shape[1]
-            mask_2d = self._decode_mask_2d(step.decode, step.attention_mask_2d, full_length - hidden.shape[1],
-                                           hidden.shape[1])
+            mask_2d = self._decode_mask_2d(step.decode, step.attention_mask_2d, _cache_length(cache), hidden.shape[1])
             self._build_masks(step, hidden, mask_2d, cache)
         kwargs = dict(kwargs)
         kwargs.update(step.layer_kwargs)
@@ -339,10 +336,7 @@ class CompressionRuntime:
         self, state: _DecodeState, mask_2d: torch.Tensor | None, past: int, query_length: int
     ) -> torch.Tensor:
         """(B, M + new) mask for layers >= K: the prefill's compressed mask plus every column after the prompt."""
-        new_columns = past + query_length - (
-            state.prefill_length if not isinstance(self.method, InputCompressionMethod)
-            else state.compressed_mask_2d.shape[1]
-        )
+        new_columns = past + query_length - state.prefill_cache_length
         if mask_2d is not None:
             tail = mask_2d[:, mask_2d.shape[1] - new_columns:]
         else:
