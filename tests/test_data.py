@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,6 +24,7 @@ from divico.data import (
     load_llava_conversations,
     load_scenes,
     write_benchmark_splits,
+    write_multiturn_training,
 )
 from divico.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
 from divico.data.scenes import COLORS, SHAPE_PLURALS, SHAPES, generate_scene, render_scene
@@ -311,3 +313,54 @@ def test_make_data_cli(tmp_path: Path) -> None:
     record = load_eval_records(out, "pope", "validation")[0]
     assert Image.open(out / record["image"]).size == (96, 96)
     assert (out / "manifest.json").is_file()
+
+
+def _expected_turn_answer(scene: Scene, prompt: str) -> str:
+    """Answer of one multi-turn prompt from the scene, whichever benchmark style it has."""
+    if prompt == "Describe the image.":
+        return scene.describe()
+    if prompt.endswith(OPTION_HINT):
+        question, *options = prompt.removesuffix("\n" + OPTION_HINT).split("\n")
+        correct = _expected_mmbench(scene, question)
+        letters = [line[0] for line in options if line[3:] == correct]
+        assert len(letters) == 1, prompt
+        return letters[0]
+    question = prompt.removesuffix("\n" + SHORT_ANSWER_HINT)
+    if question.startswith(("Is there", "Are there", "Is the")) and not re.search("left or|above or", question):
+        return _expected_yes_no(scene, question)
+    try:
+        return _expected_gqa(scene, question)
+    except AssertionError:
+        return _expected_textvqa(scene, question)
+
+
+def test_multiturn_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
+    root = small_dirs[0]
+    path = write_multiturn_training(root, seed=0, turns=6, caption_share=0.5)
+    first = path.read_bytes()
+    assert write_multiturn_training(root, seed=0, turns=6, caption_share=0.5).read_bytes() == first
+    scenes = load_scenes(root, "train")
+    conversations = json.loads(first)
+    assert sorted(c["image"] for c in conversations) == sorted(scenes)
+    styles: Counter[str] = Counter()
+    captions = 0
+    for item in conversations:
+        turns = item["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert turns[0]["value"].startswith("<image>\n")
+        assert sum(t["value"].count("<image>") for t in turns) == 1
+        prompts = [t["value"].removeprefix("<image>\n") for t in turns[::2]]
+        assert len(set(prompts)) == len(prompts), "a question is repeated within a conversation"
+        has_caption = prompts[0] == "Describe the image."
+        captions += has_caption
+        assert len(prompts) - has_caption == 6
+        for prompt, answer in zip(prompts, [t["value"] for t in turns[1::2]]):
+            assert answer == _expected_turn_answer(scenes[item["image"]], prompt), prompt
+            styles["mmbench" if prompt.endswith(OPTION_HINT) else
+                   "mme" if "Please answer yes or no." in prompt else "other"] += 1
+    assert styles["mmbench"] and styles["mme"] and styles["other"]
+    assert 0 < captions < len(conversations)
+    with pytest.raises(ValueError, match="turns must be an int >= 1, got 0"):
+        write_multiturn_training(root, turns=0)
+    with pytest.raises(ValueError, match=r"caption_share must be in \[0, 1\], got 1.5"):
+        write_multiturn_training(root, caption_share=1.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 
 import divico
 from divico.demo import format_table1, format_table3, relative_improvement
-from divico.zoo.recipe import RecipeConfig, compressor_runs, export_assets, merge_lora
-from tiny_models import sample, tiny_llava
+from divico.zoo.recipe import RecipeConfig, calibrate_projector, compressor_runs, export_assets, merge_lora
+from tiny_models import IMAGE_SIZE, sample, tiny_llava
 
 
 def test_merge_lora_keeps_outputs_and_removes_lora_modules():
@@ -102,3 +103,60 @@ def test_finished_stages_reopen_for_more_steps_or_a_new_base(tmp_path):
     (stage / "training_config.json").write_text(json.dumps({"max_steps": 30}))
     assert not _finished(stage, 30, {"stage2_steps": 1000})  # the base changed: start over
     assert not (stage / "checkpoints").exists()
+
+
+def test_calibrate_projector_standardises_features_and_matches_embedding_norm():
+    model = tiny_llava(seed=0)
+    torch.manual_seed(0)
+    pixels = torch.randn(6, 3, IMAGE_SIZE, IMAGE_SIZE) * 2.0
+    with torch.no_grad():
+        features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:].flatten(0, 1)
+    mean, std = features.mean(dim=0), features.std(dim=0)
+    before = copy.deepcopy(model.model.multi_modal_projector)
+    stats = calibrate_projector(model, pixels)
+    after = model.model.multi_modal_projector
+    embedding_norm = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    with torch.no_grad():
+        # linear_1 now sees standardised features: same as the old layer on (x - mean) / std.
+        torch.testing.assert_close(after.linear_1(features), before.linear_1((features - mean) / std),
+                                   atol=1e-4, rtol=1e-4)
+        tokens = after(features)
+        reference = before((features - mean) / std)
+        # Only a global scale separates the two outputs, chosen to give the mean word-embedding norm.
+        scale = (tokens.norm(dim=-1) / reference.norm(dim=-1)).mean()
+        torch.testing.assert_close(tokens, reference * scale, atol=1e-4, rtol=1e-4)
+        assert abs(tokens.norm(dim=-1).mean() - embedding_norm) < 1e-4 * embedding_norm
+    assert stats["token_norm_after"] == pytest.approx(float(embedding_norm), rel=1e-5)
+    assert stats["feature_std_min"] == pytest.approx(float(std.min()), rel=1e-5)
+    assert stats["token_norm_before"] != pytest.approx(stats["token_norm_after"], rel=1e-2)
+
+
+def test_best_constant_scores_by_hand(tmp_path):
+    from divico.evaluation import best_constant_scores
+
+    def write(benchmark, rows):
+        (tmp_path / benchmark).mkdir()
+        (tmp_path / benchmark / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("gqa", [{"id": f"g{i}", "benchmark": "gqa", "image": "x.png", "question": "q", "answer": a}
+                  for i, a in enumerate(["left", "left", "right", "red"])])
+    # POPE: 3 positives, 1 negative in one split type. "yes": P = 3/4, R = 1 -> F1 = 6/7.
+    write("pope", [{"id": f"p{i}", "benchmark": "pope", "image": "x.png", "question": "q", "answer": a,
+                    "split_type": "random"} for i, a in enumerate(["yes", "yes", "no", "yes"])])
+    rotations = [{"id": f"m-r{k}", "benchmark": "mmbench", "image": "x.png", "question": "q",
+                  "options": ["a", "b", "c", "d"][k:] + ["a", "b", "c", "d"][:k], "answer": "ABCD"[(4 - k) % 4],
+                  "circular_group": "m", "rotation": k} for k in range(4)]
+    write("mmbench", rotations)
+    scores = best_constant_scores(tmp_path, ["gqa", "pope", "mmbench"], limit=None)
+    assert scores["gqa"] == {"score": pytest.approx(50.0), "answer": "left"}
+    assert scores["pope"]["answer"] == "yes" and scores["pope"]["score"] == pytest.approx(100 * 6 / 7)
+    assert scores["mmbench"]["score"] == 0.0
+    # A slice of the first two groups: "left" answers both.
+    assert best_constant_scores(tmp_path, ["gqa"], limit=2)["gqa"]["score"] == pytest.approx(100.0)
+
+
+def test_table1_has_the_chance_row():
+    results = {"baseline": {"method": "baseline", "tag": None, "scores": {"gqa": 80.0}}}
+    table = format_table1(results, ("gqa",), chance={"gqa": 25.0})
+    assert table.splitlines()[2] == "| - | Best constant answer | 25.0 |"
+    assert table.splitlines()[3] == "| - | Baseline | 80.0 |"

@@ -180,7 +180,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
         ``run name -> {"scores": {benchmark: score}, "efficiency": {...}, ...}``.
     """
     from divico.data import write_benchmark_splits
-    from divico.evaluation import evaluate_benchmarks
+    from divico.evaluation import best_constant_scores, evaluate_benchmarks
     from divico.zoo.default_model import default_cache_root
     from divico.zoo.recipe import ASSETS_DIR, load_trained_default
 
@@ -221,11 +221,12 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
             f"{BENCHMARK_TITLES[b]} {row['scores'][b]:.1f}" for b in config.benchmarks), flush=True)
         del model
     ordered = {spec.name: results[spec.name] for spec in demo_runs(assets, config.ablation)}
-    table1 = format_table1(ordered, config.benchmarks)
+    chance = {b: s["score"] for b, s in best_constant_scores(data_dir, config.benchmarks, "test", config.limit).items()}
+    table1 = format_table1(ordered, config.benchmarks, chance)
     table3 = format_table3(ordered)
     print("\n" + table1 + "\n\n" + table3)
     (out / "tables.md").write_text(table1 + "\n\n" + table3 + "\n")
-    (out / "results.json").write_text(json.dumps(ordered, indent=2))
+    (out / "results.json").write_text(json.dumps({"runs": ordered, "best_constant_answer": chance}, indent=2))
     plot_path = plot_results(ordered, config.benchmarks, out / "demo.png")
     print(f"\nwrote {out / 'tables.md'}, {out / 'results.json'} and {plot_path} "
           f"({time.perf_counter() - started:.0f} s)")
@@ -237,14 +238,22 @@ def relative_improvement(ours: float, best_baseline: float) -> float:
     return 0.0 if best_baseline == 0 else 100.0 * (ours - best_baseline) / abs(best_baseline)
 
 
-def format_table1(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...] = BENCHMARK_ORDER) -> str:
-    """Markdown Table I: scores per benchmark and DiViCo's relative improvement over the best baseline."""
+def format_table1(
+    results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...] = BENCHMARK_ORDER,
+    chance: dict[str, float] | None = None,
+) -> str:
+    """Markdown Table I: scores per benchmark and DiViCo's relative improvement over the best baseline.
+
+    ``chance`` (benchmark -> best constant-answer score) adds a first reference row.
+    """
     header = "| Rate | Method | " + " | ".join(BENCHMARK_TITLES[b] + ("" if b == "mme" else " (%)") for b in benchmarks)
     lines = [header + " |", "|" + "---|" * (len(benchmarks) + 2)]
 
     def row(rate: str, title: str, scores: dict[str, float]) -> str:
         return f"| {rate} | {title} | " + " | ".join(f"{scores[b]:.1f}" for b in benchmarks) + " |"
 
+    if chance is not None:
+        lines.append(row("-", "Best constant answer", chance))
     baseline = results.get("baseline")
     if baseline is not None:
         lines.append(row("-", "Baseline", baseline["scores"]))

@@ -14,8 +14,10 @@ from divico.data.benchmarks import (
     load_eval_records,
     load_llava_conversations,
     load_scenes,
+    multiturn_conversation,
     training_target,
     write_benchmark_splits,
+    write_multiturn_training,
 )
 from divico.data.scenes import Scene, SceneObject, Sign, generate_scene, render_scene
 
@@ -34,6 +36,8 @@ __all__ = [
     "load_llava_conversations",
     "load_scenes",
     "render_scene",
+    "multiturn_conversation",
     "training_target",
     "write_benchmark_splits",
+    "write_multiturn_training",
 ]

@@ -71,6 +71,8 @@ __all__ = [
     "load_eval_records",
     "load_scenes",
     "load_llava_conversations",
+    "multiturn_conversation",
+    "write_multiturn_training",
 ]
 
 BENCHMARKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "gqa")
@@ -499,6 +501,107 @@ def _build_set(
             records.extend(_expand_circular(record) if set_name == "mmbench" else [record])
         progress.update(1)
     return records, scenes
+
+
+# Calls of each question maker per scene when pooling multi-turn questions: the round-robin makers
+# (mme, mmbench) once per subtask/category, the random ones a few times for variety.
+_MULTITURN_CALLS: dict[str, int] = {"textvqa": 3, "pope": 1, "mme": len(MME_SUBTASKS),
+                                    "mmbench": len(MMBENCH_CATEGORIES), "gqa": 3}
+
+
+def multiturn_conversation(
+    scene: Scene, image_path: str, rng: random.Random, turns: int = 8, caption_share: float = 0.25,
+    conversation_id: str = "multiturn",
+) -> dict[str, Any]:
+    """One LLaVA conversation asking ``turns`` questions of every benchmark style about one image.
+
+    Questions are pooled from every benchmark's question maker, de-duplicated, and taken round-robin
+    over the benchmarks in random order, so each style appears once before any appears twice (the
+    image's visual tokens are paid for once and supervise many answers). With probability
+    ``caption_share`` the description of the image is asked first.
+
+    Parameters
+    ----------
+    scene : Scene
+        Ground truth of the image.
+    image_path : str
+        Image path stored in the conversation.
+    rng : random.Random
+        Source of every random choice.
+    turns : int
+        Question turns (>= 1), not counting the optional caption turn.
+    caption_share : float
+        Probability in [0, 1] of a leading "Describe the image." turn.
+    conversation_id : str
+        The ``id`` of the conversation.
+
+    Returns
+    -------
+    dict
+        ``{"id", "image", "conversations"}`` in LLaVA format; the first human turn holds ``<image>``.
+    """
+    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+        raise ValueError(f"turns must be an int >= 1, got {turns!r}")
+    if not 0.0 <= caption_share <= 1.0:
+        raise ValueError(f"caption_share must be in [0, 1], got {caption_share!r}")
+    pools: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for set_name in BENCHMARKS:
+        pool: list[dict[str, Any]] = []
+        for index in range(_MULTITURN_CALLS[set_name]):
+            for question in _QUESTION_MAKERS[set_name](scene, rng, index) or []:
+                record = {"benchmark": set_name, **question}
+                prompt = build_prompt(record)
+                if prompt not in seen:
+                    seen.add(prompt)
+                    pool.append(record)
+        rng.shuffle(pool)
+        if pool:
+            pools[set_name] = pool
+    order = sorted(pools)
+    rng.shuffle(order)
+    chosen: list[dict[str, Any]] = []
+    while len(chosen) < turns and any(pools.values()):
+        for set_name in order:
+            if pools[set_name] and len(chosen) < turns:
+                chosen.append(pools[set_name].pop())
+    if rng.random() < caption_share:
+        chosen.insert(0, {"benchmark": "caption", "question": CAPTION_PROMPT, "answer": scene.describe()})
+    conversations: list[dict[str, str]] = []
+    for turn_index, record in enumerate(chosen):
+        prefix = "<image>\n" if turn_index == 0 else ""
+        conversations.append({"from": "human", "value": prefix + build_prompt(record)})
+        conversations.append({"from": "gpt", "value": training_target(record)})
+    return {"id": conversation_id, "image": image_path, "conversations": conversations}
+
+
+def write_multiturn_training(
+    data_dir: str | Path, seed: int = 0, turns: int = 8, caption_share: float = 0.25, split: str = "train",
+) -> Path:
+    """Write ``llava_<split>_multiturn.json``: one multi-turn conversation per image of ``split``.
+
+    Uses the scenes already rendered by :func:`write_benchmark_splits` (``scenes/<split>.jsonl``), so
+    no image is drawn twice and held-out test images are never touched.
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"multi-turn files exist for 'train' and 'validation', got {split!r}")
+    root = Path(data_dir)
+    rows = _read_jsonl(root / "scenes" / f"{split}.jsonl")
+    conversations = []
+    for index, row in enumerate(rows):
+        rng = random.Random(f"multiturn-{seed}-{split}-{row['image']}")
+        conversations.append(multiturn_conversation(
+            Scene.from_dict(row["scene"]), row["image"], rng, turns=turns, caption_share=caption_share,
+            conversation_id=f"multiturn-{split}-{index:05d}"))
+    random.Random(f"multiturn-order-{seed}-{split}").shuffle(conversations)
+    path = root / f"llava_{split}_multiturn.json"
+    _write_json(path, conversations)
+    return path
 
 
 def _llava_conversation(record: Mapping[str, Any]) -> dict[str, Any]:

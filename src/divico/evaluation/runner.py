@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from divico.data import build_prompt, load_eval_records
+from divico.data import build_prompt, load_eval_records, training_target
 from divico.metrics import score_benchmark
 
 
@@ -152,3 +152,31 @@ def evaluate_benchmarks(
                         handle.write(json.dumps({"id": record["id"], "prediction": prediction}) + "\n")
         scores[benchmark] = score_benchmark(benchmark, {r["id"]: done[r["id"]] for r in records}, records)
     return scores
+
+
+def best_constant_scores(
+    data_dir: str | Path, benchmarks: Sequence[str], split: str = "test", limit: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The chance reference: the best score any single constant answer gets on each benchmark slice.
+
+    Every distinct reference answer of the slice is tried as the answer to all of its questions ("yes" on
+    POPE gives F1 66.7 when positives are half; a fixed letter gives 0 under MMBench circular evaluation).
+
+    Returns
+    -------
+    dict
+        ``benchmark -> {"score": best score, "answer": the constant that reaches it}``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for benchmark in benchmarks:
+        records = select_slice(load_eval_records(data_dir, benchmark, split), limit)
+        candidates = sorted({training_target(r) for r in records})
+        best: dict[str, Any] | None = None
+        for answer in candidates:
+            score = score_benchmark(benchmark, [answer] * len(records), records)["score"]
+            if best is None or score > best["score"]:
+                best = {"score": float(score), "answer": answer}
+        if best is None:
+            raise ValueError(f"no {split} records for {benchmark!r} in {data_dir}")
+        out[benchmark] = best
+    return out
