@@ -27,7 +27,13 @@ from divico.data import (
     write_multiturn_training,
 )
 from divico.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
-from divico.data.scenes import COLORS, SHAPE_PLURALS, SHAPES, generate_scene, render_scene
+from divico.data.scenes import (
+    COLORS,
+    SHAPE_PLURALS,
+    SHAPES,
+    generate_scene,
+    render_scene,
+)
 from divico.metrics import score_benchmark
 
 _PLURAL_TO_SHAPE = {plural: shape for shape, plural in SHAPE_PLURALS.items()}

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from tiny_models import IMAGE_SIZE, sample, tiny_llava
 
-import divico
 from divico.demo import format_table1, format_table3, relative_improvement
 from divico.zoo.recipe import (
     RecipeConfig,
@@ -19,7 +19,6 @@ from divico.zoo.recipe import (
     merge_lora,
     scene_patch_targets,
 )
-from tiny_models import IMAGE_SIZE, sample, tiny_llava
 
 
 def test_merge_lora_keeps_outputs_and_removes_lora_modules():
@@ -214,10 +213,10 @@ def test_scene_patch_targets_by_hand():
 
 
 def test_align_projector_moves_tokens_onto_their_word_targets(tmp_path):
-    from divico.data import SMALL_SIZES, write_benchmark_splits
+    from tiny_models import IMAGE_SIZE
     from transformers import CLIPImageProcessor
 
-    from tiny_models import IMAGE_SIZE
+    from divico.data import SMALL_SIZES, write_benchmark_splits
 
     write_benchmark_splits(tmp_path, seed=0, sizes=SMALL_SIZES, image_size=64, show_progress=False)
     model = tiny_llava(seed=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,17 @@ def _prepare(base: nn.Module, spec: RunSpec, layer: int = 2) -> nn.Module:
 
 def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path, repeats: int) -> dict[str, Any]:
     """Analytic FLOPs, peak memory and prefill latency of one representative prompt (batch 1)."""
+    from PIL import Image
+
     import divico
     from divico.data import load_eval_records
-    from divico.efficiency import PromptShape, count_flops, measure_peak_memory, time_call
+    from divico.efficiency import (
+        PromptShape,
+        count_flops,
+        measure_peak_memory,
+        time_call,
+    )
     from divico.evaluation.runner import _chat_prompt
-    from PIL import Image
 
     record = load_eval_records(data_dir, "textvqa", "test")[0]
     inputs = processor(images=[Image.open(data_dir / record["image"]).convert("RGB")],

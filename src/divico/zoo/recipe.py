@@ -29,6 +29,7 @@ from torch import nn
 
 from divico.api import remove_compression
 from divico.config import CompressionConfig
+from divico.data.scenes import GRID_SIZE
 from divico.io import load_compressor
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
@@ -42,9 +43,9 @@ ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 class RecipeConfig:
     """Sizes and hyper-parameters of the default model's training.
 
-    The defaults are what the shipped checkpoints were trained with on 2 CPU cores (about 1 h 10 min for stage 2
-    at ~18 s per step, ~25 min for the eight compressors); scale the step counts up on a GPU or for better
-    accuracy (``--steps-scale``).
+    The defaults are what the shipped checkpoints were trained with on 2 CPU cores (~5 min projector calibration,
+    alignment and stage 1; ~32 min for stage 2 at ~16 s per step; ~15 min for the eight compressors); scale the
+    step counts up on a GPU or for better accuracy (``--steps-scale``).
     """
 
     output_dir: Path = Path("runs/default-recipe")
@@ -74,7 +75,7 @@ class RecipeConfig:
     keep_ratios: dict[str, float] = field(default_factory=lambda: dict(PAPER_KEEP_RATIOS))
     threads: int | None = None
 
-    def scaled(self, factor: float) -> "RecipeConfig":
+    def scaled(self, factor: float) -> RecipeConfig:
         if factor <= 0:
             raise ValueError(f"steps scale must be > 0, got {factor}.")
         out = RecipeConfig(**asdict(self))
@@ -178,7 +179,8 @@ def scene_patch_targets(model: nn.Module, tokenizer: Any, scene: Any, grid: int)
     centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     items = [(o.x, o.y, max(o.size / 2, 0.5 / grid), (o.color, o.shape)) for o in scene.objects]
-    items += [(s.x, s.y, 1.0 / (2 * 3), (s.color, "sign")) for s in scene.signs]
+    # A sign spans most of its grid cell's width.
+    items += [(s.x, s.y, 1.0 / (2 * GRID_SIZE), (s.color, "sign")) for s in scene.signs]
     for x, y, radius, words in items:
         inside = ((cols - x) ** 2 + (rows - y) ** 2 <= radius**2).flatten()
         if not bool(inside.any()):  # a tiny object: its nearest patch
@@ -207,8 +209,9 @@ def align_projector(
         ``images``, held-out ``cosine_items`` / ``cosine_background`` (mean cosine between projected tokens and
         their targets) and the same before alignment (``*_before``).
     """
-    from divico.data import load_scenes
     from PIL import Image
+
+    from divico.data import load_scenes
 
     scenes = sorted(load_scenes(data, "train").items())[:images]
     if len(scenes) < 10:
@@ -216,7 +219,7 @@ def align_projector(
     projector = model.model.multi_modal_projector
     dtype = projector.linear_1.weight.dtype
     features, targets, on_item = [], [], []
-    grid = int(round(model.config.image_seq_length**0.5))
+    grid = round(model.config.image_seq_length**0.5)
     tokenizer = processor.tokenizer
     with torch.no_grad():
         for start in range(0, len(scenes), 32):
