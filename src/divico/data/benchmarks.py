@@ -578,7 +578,7 @@ def multiturn_conversation(
 def write_multiturn_training(
     data_dir: str | Path, seed: int = 0, turns: int = 8, caption_share: float = 0.25, split: str = "train",
 ) -> Path:
-    """Write ``llava_<split>_multiturn.json``: one multi-turn conversation per image of ``split``.
+    """Write ``llava_<split>_multiturn<turns>.json``: one multi-turn conversation per image of ``split``.
 
     Uses the scenes already rendered by :func:`write_benchmark_splits` (``scenes/<split>.jsonl``), so
     no image is drawn twice and held-out test images are never touched.
@@ -599,7 +599,7 @@ def write_multiturn_training(
             Scene.from_dict(row["scene"]), row["image"], rng, turns=turns, caption_share=caption_share,
             conversation_id=f"multiturn-{split}-{index:05d}"))
     random.Random(f"multiturn-order-{seed}-{split}").shuffle(conversations)
-    path = root / f"llava_{split}_multiturn.json"
+    path = root / f"llava_{split}_multiturn{turns}.json"
     _write_json(path, conversations)
     return path
 
