@@ -16,9 +16,11 @@ from PIL import Image
 from divico.cli import main
 from divico.data import (
     BENCHMARKS,
+    DATA_FORMAT,
     SMALL_SIZES,
     SPLITS,
     Scene,
+    benchmark_data_current,
     build_prompt,
     load_eval_records,
     load_llava_conversations,
@@ -251,6 +253,32 @@ def test_ground_truth_answers_score_perfectly(consistency_dir: Path) -> None:
         records = load_eval_records(consistency_dir, benchmark, "test")
         truth = [r["answers"][0] if "answers" in r else r["answer"] for r in records]
         assert score_benchmark(benchmark, truth, records)["score"] == pytest.approx(best)
+
+
+def test_objects_span_several_patches_inside_their_cell(consistency_dir: Path) -> None:
+    """Objects are 0.20-0.26 of the side (2-3 patches of 14 px at 168 px) and never leave their grid cell."""
+    objects = [o for scene in load_scenes(consistency_dir, "test").values() for o in scene.objects]
+    assert len(objects) > 100
+    for obj in objects:
+        assert 0.20 <= obj.size <= 0.26
+        half = obj.size / 2
+        assert obj.col / 3 < obj.x - half and obj.x + half < (obj.col + 1) / 3
+        assert obj.row / 3 < obj.y - half and obj.y + half < (obj.row + 1) / 3
+    assert 168 * min(o.size for o in objects) / 14 >= 2.4
+
+
+def test_benchmark_data_current_checks_the_generator_format(small_dirs: tuple[Path, Path, Path],
+                                                            tmp_path: Path) -> None:
+    written = small_dirs[0]
+    assert json.loads((written / "manifest.json").read_text())["format"] == DATA_FORMAT
+    assert benchmark_data_current(written)
+    assert not benchmark_data_current(tmp_path)  # nothing written (or interrupted before the manifest)
+    old = json.loads((written / "manifest.json").read_text())
+    old.pop("format")  # what the first generator wrote
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert not benchmark_data_current(tmp_path)
+    (tmp_path / "manifest.json").write_text("{broken")
+    assert not benchmark_data_current(tmp_path)
 
 
 def test_rendered_pixels_match_scene(consistency_dir: Path) -> None:

@@ -75,6 +75,18 @@ def _row(method, tag, scores, kept, flops, memory, seconds):
                            "prefill_seconds": seconds}}
 
 
+def test_demo_results_are_keyed_by_checkpoint_content(tmp_path):
+    from divico.demo import _assets_fingerprint
+
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "compressor.safetensors").write_bytes(b"weights-1")
+    (tmp_path / "recipe.json").write_text("{}")
+    first = _assets_fingerprint(tmp_path)
+    assert _assets_fingerprint(tmp_path) == first
+    (tmp_path / "stage2" / "compressor.safetensors").write_bytes(b"weights-2")  # retrained checkpoints
+    assert _assets_fingerprint(tmp_path) != first
+
+
 def test_tables_compute_improvement_and_ratios_by_hand():
     benchmarks = ("textvqa", "pope")
     results = {

@@ -9,6 +9,7 @@ appended to ``<out>/results.jsonl`` as each configuration finishes, so an interr
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -170,6 +171,15 @@ def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path,
     }
 
 
+def _assets_fingerprint(assets: Path) -> str:
+    """Content hash of a checkpoint folder, so finished demo rows of other checkpoints are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in assets.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(assets)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _read_results(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         return {}
@@ -185,7 +195,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     dict
         ``run name -> {"scores": {benchmark: score}, "efficiency": {...}, ...}``.
     """
-    from divico.data import write_benchmark_splits
+    from divico.data import DATA_FORMAT, benchmark_data_current, write_benchmark_splits
     from divico.evaluation import best_constant_scores, evaluate_benchmarks
     from divico.zoo.default_model import default_cache_root
     from divico.zoo.recipe import ASSETS_DIR, load_trained_default
@@ -197,13 +207,14 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     assets = Path(config.assets_dir) if config.assets_dir is not None else ASSETS_DIR
     data_dir = Path(config.data_dir) if config.data_dir is not None else default_cache_root() / "demo-data"
-    if not (data_dir / "manifest.json").is_file():
+    if not benchmark_data_current(data_dir):
         write_benchmark_splits(data_dir, seed=0, show_progress=config.show_progress)
     dtype = torch.bfloat16 if config.dtype == "bfloat16" else torch.float32
     base, processor = load_trained_default(assets, dtype=dtype)
     results_path = out / "results.jsonl"
     results = _read_results(results_path)
-    settings = {"limit": config.limit, "dtype": config.dtype, "benchmarks": list(config.benchmarks)}
+    settings = {"limit": config.limit, "dtype": config.dtype, "benchmarks": list(config.benchmarks),
+                "assets": _assets_fingerprint(assets), "data_format": DATA_FORMAT}
     for spec in demo_runs(assets, config.ablation):
         if spec.name in results and results[spec.name].get("settings") == settings:
             continue
@@ -358,14 +369,14 @@ def demo_slice(
     ``docs/demo_slice.json`` holds its output for the shipped checkpoints; a test re-runs it and checks that
     the figures agree.
     """
-    from divico.data import write_benchmark_splits
+    from divico.data import benchmark_data_current, write_benchmark_splits
     from divico.evaluation import evaluate_benchmarks
     from divico.zoo.default_model import default_cache_root
     from divico.zoo.recipe import ASSETS_DIR, load_trained_default
 
     assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
     data = Path(data_dir) if data_dir is not None else default_cache_root() / "demo-data"
-    if not (data / "manifest.json").is_file():
+    if not benchmark_data_current(data):
         write_benchmark_splits(data, seed=0, show_progress=show_progress)
     base, processor = load_trained_default(assets, dtype=torch.float32)
     specs = {spec.name: spec for spec in demo_runs(assets)}

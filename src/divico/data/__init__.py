@@ -6,10 +6,12 @@ LLaVA-format training conversations; ``load_eval_records`` and ``build_prompt`` 
 
 from divico.data.benchmarks import (
     BENCHMARKS,
+    DATA_FORMAT,
     DEFAULT_SIZES,
     SMALL_SIZES,
     SPLITS,
     TRAINING_SETS,
+    benchmark_data_current,
     build_prompt,
     load_eval_records,
     load_llava_conversations,
@@ -23,6 +25,7 @@ from divico.data.scenes import Scene, SceneObject, Sign, generate_scene, render_
 
 __all__ = [
     "BENCHMARKS",
+    "DATA_FORMAT",
     "DEFAULT_SIZES",
     "SMALL_SIZES",
     "SPLITS",
@@ -30,6 +33,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "Sign",
+    "benchmark_data_current",
     "build_prompt",
     "generate_scene",
     "load_eval_records",
