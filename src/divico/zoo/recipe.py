@@ -44,7 +44,7 @@ class RecipeConfig:
     """Sizes and hyper-parameters of the default model's training.
 
     The defaults are what the shipped checkpoints were trained with on 2 CPU cores (~6 min projector calibration,
-    alignment and stage 1; ~60 min for stage 2 at ~11 s per step in bf16; ~22 min for the eight compressors);
+    alignment and stage 1; ~50 min for stage 2 at ~17 s per step; ~22 min for the eight compressors);
     scale the step counts up on a GPU or for better accuracy (``--steps-scale``).
     """
 
@@ -55,7 +55,7 @@ class RecipeConfig:
     batch_size: int = 4
     stage1_steps: int = 30
     stage1_lr: float = 1e-3
-    stage2_steps: int = 320
+    stage2_steps: int = 180
     stage2_lr: float = 1e-3
     stage2_lora_r: int = 16
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
