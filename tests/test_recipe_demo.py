@@ -238,11 +238,11 @@ def test_align_projector_moves_tokens_onto_their_word_targets(tmp_path):
     processor.image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                                    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     vision_before = copy.deepcopy(model.model.vision_tower.state_dict())
-    stats = align_projector(model, processor, tmp_path, images=20, steps=150, lr=3e-3, batch_tokens=512)
+    stats = align_projector(model, processor, tmp_path, images=20, steps=300, lr=3e-3, batch_tokens=512)
     assert stats["images"] == 20
     assert stats["cosine_background"] > stats["cosine_background_before"] + 0.3
     # (Item patches are not asserted: a random 2-layer tower does not separate 6 shapes x 8 colours; the real
-    # DINOv2 run reaches 0.86 held-out, recorded in stage1/calibration.json.)
+    # DINOv2 run reaches 0.92 held-out, recorded in stage1/calibration.json.)
     for name, value in model.model.vision_tower.state_dict().items():
         assert torch.equal(value, vision_before[name]), name
     with pytest.raises(ValueError, match="needs >= 10 training scenes"):

@@ -135,7 +135,7 @@ def _test_image():
         return Image.fromarray(data.astronaut())
     except ImportError:
         gradient = np.linspace(0, 255, 300, dtype=np.uint8)
-        return Image.fromarray(np.stack(np.broadcast_arrays(gradient[:, None], gradient[None, :], 128), -1))
+        return Image.fromarray(np.stack(np.broadcast_arrays(gradient[:, None], gradient[None, :], np.uint8(128)), -1))
 
 
 @requires_packaged_weights
