@@ -74,7 +74,8 @@ class RecipeConfig:
     encoder_hidden_size: int | None = 288
     keep_ratios: dict[str, float] = field(default_factory=lambda: dict(PAPER_KEEP_RATIOS))
     threads: int | None = None
-    #: bf16 autocast in every training stage (~1.4x faster than float32 on this CPU; trained tensors stay float32).
+    #: bf16 autocast in every training stage (1.2x faster than float32 on this CPU, benchmarks/training_step_time.py;
+    #: trained tensors stay float32).
     bf16: bool = True
 
     def scaled(self, factor: float) -> RecipeConfig:
