@@ -5,7 +5,7 @@
 
 Each configuration trains ``--steps`` steps (batch 4, the 8-turn conversations, LoRA r=16 on all LLM linear
 layers + projector) with ``divico.training.train`` from the stage-1 checkpoint, one after the other in one run,
-and prints the Trainer's wall time per step.
+and prints the wall time of the whole ``train`` call (dataset, Trainer set-up, steps) divided by the steps.
 """
 
 from __future__ import annotations
