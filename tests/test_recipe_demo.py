@@ -18,6 +18,8 @@ from divico.zoo.recipe import (
     export_assets,
     merge_lora,
     scene_patch_targets,
+    scene_patch_words,
+    write_visual_words,
 )
 
 
@@ -222,6 +224,28 @@ def test_scene_patch_targets_by_hand():
             expected = background
         torch.testing.assert_close(targets[index], expected)
     assert set(on_item.nonzero().flatten().tolist()) == square_patches | {star_patch} | sign_patches
+
+
+def test_write_visual_words_labels_each_patch_of_each_record(tmp_path):
+    from divico.data import SMALL_SIZES, load_scenes, write_benchmark_splits, write_multiturn_training
+
+    write_benchmark_splits(tmp_path, seed=0, sizes=SMALL_SIZES, image_size=64, show_progress=False)
+    source = write_multiturn_training(tmp_path, seed=0, turns=3)
+    target = tmp_path / "with_words.json"
+    count = write_visual_words(source, target, tmp_path, grid=12, background_weight=0.25)
+    records = json.loads(target.read_text())
+    assert count == len(records) == len(json.loads(source.read_text())) > 0
+    scenes = load_scenes(tmp_path, "train")
+    for record in records[:5]:
+        patches = scene_patch_words(scenes[record["image"]], 12)
+        assert len(record["visual_words"]) == 144
+        for entry, (words, on_item) in zip(record["visual_words"], patches):
+            assert entry == (" ".join(words) if on_item else [" ".join(words), 0.25])
+        objects = scenes[record["image"]].objects
+        shown = {entry for entry in record["visual_words"] if isinstance(entry, str)}
+        assert {f"{o.color} {o.shape}" for o in objects} <= shown
+    with pytest.raises(ValueError, match="background_weight must be a finite number >= 0, got -1"):
+        write_visual_words(source, target, tmp_path, grid=12, background_weight=-1)
 
 
 def test_align_projector_moves_tokens_onto_their_word_targets(tmp_path):

@@ -30,7 +30,12 @@ from divico.training import (
     train,
 )
 from divico.training.data import Turn
-from divico.training.trainer import DiViCoTrainer, build_training_arguments, prepare_model_for_training
+from divico.training.trainer import (
+    DiViCoTrainer,
+    build_training_arguments,
+    prepare_model_for_training,
+    visual_word_loss,
+)
 
 WORDS = [
     "what", "color", "is", "the", "shape", "a", "red", "blue", "green", "circle", "square", "how", "many", "one", "two",
@@ -213,6 +218,113 @@ def test_skip_invalid_leaves_bad_records_out_and_counts_them(tmp_path: Path) -> 
     assert len(dataset) == 2
     assert len(dataset.skipped) == len(bad)
     assert all(error.record_id == "bad" for error in dataset.skipped)
+
+
+# --- visual word targets -------------------------------------------------------------------------------------------
+def _visual_words_record(record_id: str, words: Any) -> dict[str, Any]:
+    return {**GOOD, "id": record_id, "visual_words": words}
+
+
+def test_visual_words_become_first_word_tokens_weights_and_padded_batches(tmp_path: Path) -> None:
+    write_images(tmp_path, 1)
+    words = ["red square", ["blue circle", 0.5], "", ["green", 2]] + [""] * (TOKENS_PER_IMAGE - 4)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([_visual_words_record("w", words), GOOD]))
+    processor = tiny_processor()
+    dataset = LlavaJsonDataset(data, processor, tmp_path)
+    vocab = processor.tokenizer.get_vocab()
+    with_words, without = dataset[0], dataset[1]
+    assert with_words["visual_word_ids"].shape == (TOKENS_PER_IMAGE, 2)
+    assert with_words["visual_word_ids"][:4].tolist() == [
+        [vocab["red"], vocab["square"]], [vocab["blue"], vocab["circle"]], [-100, -100], [vocab["green"], -100]]
+    assert with_words["visual_word_weights"][:4].tolist() == [1.0, 0.5, 0.0, 2.0]
+    assert float(with_words["visual_word_weights"][4:].abs().sum()) == 0.0
+    # A record without targets still carries (all-ignored) rows so batches stack in image-token order.
+    assert without["visual_word_ids"].shape == (TOKENS_PER_IMAGE, 1)
+    assert bool((without["visual_word_ids"] == -100).all()) and float(without["visual_word_weights"].sum()) == 0.0
+    batch = LeftPaddingCollator(0)([without, with_words])
+    assert batch["visual_word_ids"].shape == (2 * TOKENS_PER_IMAGE, 2)
+    assert bool((batch["visual_word_ids"][:TOKENS_PER_IMAGE] == -100).all())
+    assert torch.equal(batch["visual_word_ids"][TOKENS_PER_IMAGE:], with_words["visual_word_ids"])
+    assert int((batch["input_ids"] == IMAGE_TOKEN_ID).sum()) == batch["visual_word_ids"].shape[0]
+
+
+@pytest.mark.parametrize("words, problem", [
+    ("red", "'visual_words' must be a non-empty list, got str"),
+    (["red", ["blue", -1]], r"'visual_words'\[1\] must be a string or a \[words, weight >= 0\] pair"),
+    (["red", [3, 1.0]], r"'visual_words'\[1\] must be a string"),
+])
+def test_bad_visual_words_name_the_record(tmp_path: Path, words: Any, problem: str) -> None:
+    write_images(tmp_path, 1)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([_visual_words_record("bad", words)]))
+    with pytest.raises(DataError, match=rf"record id='bad': malformed record: {problem}"):
+        LlavaJsonDataset(data, tiny_processor(), tmp_path)
+
+
+def test_visual_words_must_match_the_visual_tokens(tmp_path: Path) -> None:
+    write_images(tmp_path, 1)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([_visual_words_record("short", ["red"] * 3)]))
+    dataset = LlavaJsonDataset(data, tiny_processor(), tmp_path)
+    with pytest.raises(DataError, match=f"visual_words has 3 entries but the prompt has {TOKENS_PER_IMAGE} visual"):
+        dataset[0]
+    text_only = {"id": "t", "visual_words": ["red"], "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "red"}]}
+    data.write_text(json.dumps([text_only]))
+    with pytest.raises(DataError, match="has 'visual_words' but no image"):
+        LlavaJsonDataset(data, tiny_processor(), tmp_path)
+
+
+def test_visual_word_loss_by_hand() -> None:
+    vocab = 5
+    logits = torch.randn(1, 4, vocab, generator=torch.Generator().manual_seed(0))
+    input_ids = torch.tensor([[7, 9, 9, 3]])
+    word_ids = torch.tensor([[1, 2], [4, -100]])
+    weights = torch.tensor([1.0, 0.5])
+    log_probs = torch.log_softmax(logits[0], dim=-1)
+    first = -(log_probs[1, 1] + log_probs[1, 2]) / 2
+    second = -log_probs[2, 4]
+    expected = (1.0 * first + 0.5 * second) / 1.5
+    loss = visual_word_loss(logits, input_ids, word_ids, weights, (9,))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert float(visual_word_loss(logits, input_ids, word_ids, torch.zeros(2), (9,))) == 0.0
+    with pytest.raises(ValueError, match="output has 3 positions for 4 inputs"):
+        visual_word_loss(logits[:, :3], input_ids, word_ids, weights, (9,))
+    with pytest.raises(ValueError, match="3 visual word targets for 2 visual tokens"):
+        visual_word_loss(logits, input_ids, torch.ones(3, 1, dtype=torch.long), torch.ones(3), (9,))
+
+
+def test_training_with_visual_words_adds_and_lowers_the_word_loss(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path, 8)
+    records = json.loads(data.read_text())
+    for index, record in enumerate(records):  # the square (centre 4x4 patches) shows its colour word
+        colour = list(COLORS)[index % 3]
+        record["visual_words"] = [colour + " square" if 2 <= r < 6 and 2 <= c < 6 else ["background", 0.2]
+                                  for r in range(8) for c in range(8)]
+    data.write_text(json.dumps(records))
+    processor = tiny_processor()
+    keep_all = divico.CompressionConfig(method="deco", keep_ratio=1.0)
+    config = config_for(tmp_path, data, images, compression=keep_all, visual_word_weight=0.7)
+    model = tiny_llava()
+    runtime = prepare_model_for_training(model, config)
+    dataset = LlavaJsonDataset(data, processor, images)
+    trainer = DiViCoTrainer(
+        model=model, args=build_training_arguments(config), train_dataset=dataset,
+        data_collator=LeftPaddingCollator(0), runtime=runtime, beta=0.0, visual_word_weight=0.7,
+    )
+    batch = LeftPaddingCollator(0)([dataset[i] for i in range(4)])
+    loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    word = visual_word_loss(outputs.logits, batch["input_ids"], batch["visual_word_ids"],
+                            batch["visual_word_weights"], (IMAGE_TOKEN_ID,))
+    assert float(word.detach()) > 0
+    assert float(loss.detach()) == pytest.approx(float(outputs.loss.detach()) + 0.7 * float(word.detach()), rel=1e-5)
+
+    result = train(tiny_llava(), processor, config_for(
+        tmp_path, data, images, compression=keep_all, visual_word_weight=1.0, max_steps=30, lora_r=8))
+    logged = [entry["visual_word_loss"] for entry in result.log_history if "visual_word_loss" in entry]
+    assert len(logged) == 30
+    assert sum(logged[-5:]) / 5 < 0.5 * sum(logged[:5]) / 5
 
 
 # --- loss ----------------------------------------------------------------------------------------------------------
@@ -424,6 +536,8 @@ def test_training_config_rejects_bad_values(tmp_path: Path) -> None:
         TrainingConfig(**base, gradient_accumulation_steps=0)
     with pytest.raises(TypeError, match="lora_r must be an integer"):
         TrainingConfig(**base, lora_r=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"visual_word_weight must be a finite number >= 0 \(0: off\), got -1"):
+        TrainingConfig(**base, visual_word_weight=-1)
 
 
 def test_nothing_to_train_is_refused(tmp_path: Path) -> None:

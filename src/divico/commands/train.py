@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keep.add_argument("--keep-tokens", type=int, default=None, help="visual tokens kept per sample")
     parser.add_argument("--layer", type=int, default=2, help="K, the first compressed decoder layer (default 2)")
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL term, >= 0 (default 0.02)")
+    parser.add_argument("--visual-word-weight", type=float, default=0.0,
+                        help="weight of the visual word loss on records with 'visual_words', >= 0 (default 0: off)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank; 0 disables LoRA (default 16)")
     parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         )
         config = TrainingConfig(
             data_path=args.data, output_dir=args.output, image_folder=args.image_folder, compression=compression,
-            beta=args.beta, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            beta=args.beta, visual_word_weight=args.visual_word_weight, lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             lora_target_modules=args.lora_target_modules, learning_rate=args.lr, warmup=args.warmup,
             num_epochs=args.epochs, max_steps=args.max_steps, per_device_batch_size=args.batch_size,
             gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,

@@ -12,6 +12,7 @@ from divico.training.data import (
     LeftPaddingCollator,
     LlavaJsonDataset,
     encode_conversation,
+    encode_visual_words,
     iter_json_records,
     parse_record,
 )
@@ -23,6 +24,7 @@ from divico.training.trainer import (
     lora_target_regex,
     prepare_model_for_training,
     train,
+    visual_word_loss,
 )
 
 __all__ = [
@@ -34,9 +36,11 @@ __all__ = [
     "TrainingConfig",
     "build_training_arguments",
     "encode_conversation",
+    "encode_visual_words",
     "iter_json_records",
     "lora_target_regex",
     "parse_record",
     "prepare_model_for_training",
     "train",
+    "visual_word_loss",
 ]

@@ -10,6 +10,11 @@ Every ``<image>`` in a human turn marks where one image goes (one per image, in 
 the processor's own chat template, so the training text is exactly what inference sees; labels keep only the tokens
 of assistant turns (their text and the template's end-of-turn marker), everything else is -100.
 
+A record may also carry ``"visual_words"``: one entry per image token of its images (in order), each a string of the
+words that the token shows (``"red square"``; ``""`` for none) or a ``[words, weight]`` pair. They are the targets of
+the optional *visual word loss* (``TrainingConfig.visual_word_weight``): the LM head, read at each image token, should
+name what the token shows.
+
 Records are validated when the dataset is built; a bad record raises :class:`DataError` naming the file, line and
 record id, unless ``skip_invalid=True``, in which case it is left out and counted (:attr:`LlavaJsonDataset.skipped`).
 """
@@ -72,6 +77,8 @@ class Record:
     line: int
     turns: list[Turn]
     image_paths: list[Path] = field(default_factory=list)
+    #: (words, weight) per visual token, or None (see the module docstring).
+    visual_words: list[tuple[str, float]] | None = None
 
 
 # --- reading files -----------------------------------------------------------------------------------------------
@@ -215,7 +222,29 @@ def parse_record(obj: Any, line: int, path: str | Path, image_folder: Path) -> R
     for image_path in image_paths:
         if not image_path.is_file():
             raise fail(f"image file not found: {image_path}")
-    return Record(record_id=record_id, line=line, turns=turns, image_paths=image_paths)
+    visual_words = None
+    if "visual_words" in obj:
+        if not names:
+            raise fail("has 'visual_words' but no image.")
+        visual_words = _parse_visual_words(obj["visual_words"], fail)
+    return Record(record_id=record_id, line=line, turns=turns, image_paths=image_paths, visual_words=visual_words)
+
+
+def _parse_visual_words(value: Any, fail: Any) -> list[tuple[str, float]]:
+    if not isinstance(value, list) or not value:
+        raise fail(f"malformed record: 'visual_words' must be a non-empty list, got {type(value).__name__}.")
+    parsed: list[tuple[str, float]] = []
+    for index, entry in enumerate(value):
+        if isinstance(entry, str):
+            parsed.append((entry, 1.0))
+            continue
+        valid = (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                 and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool))
+        if not valid or not (entry[1] >= 0 and entry[1] < float("inf")):
+            raise fail(f"malformed record: 'visual_words'[{index}] must be a string or a [words, weight >= 0] "
+                       f"pair, got {entry!r}.")
+        parsed.append((entry[0], float(entry[1])))
+    return parsed
 
 
 # --- prompt building ---------------------------------------------------------------------------------------------
@@ -271,7 +300,12 @@ def assistant_char_spans(processor: Any, messages: list[dict[str, Any]]) -> tupl
     return full, spans
 
 
-def encode_conversation(processor: Any, turns: list[Turn], images: list[Any] | None = None) -> dict[str, torch.Tensor]:
+def encode_conversation(
+    processor: Any,
+    turns: list[Turn],
+    images: list[Any] | None = None,
+    visual_words: list[tuple[str, float]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Tokenize one conversation with its images and label only the assistant turns.
 
     Parameters
@@ -282,12 +316,21 @@ def encode_conversation(processor: Any, turns: list[Turn], images: list[Any] | N
         The conversation.
     images
         PIL images, one per ``<image>`` placeholder, in order.
+    visual_words
+        ``(words, weight)`` per visual token (see the module docstring), or None.
 
     Returns
     -------
     dict[str, torch.Tensor]
         ``input_ids`` (L,) long, ``labels`` (L,) long with -100 outside assistant turns and at image tokens, and
-        the processor's image tensors (e.g. ``pixel_values`` (num_images, 3, H, W)) when there are images.
+        the processor's image tensors (e.g. ``pixel_values`` (num_images, 3, H, W)) when there are images. With
+        ``visual_words``: ``visual_word_ids`` (P, W) long, the first token of each word (" " + word) of the P
+        visual tokens, -100-padded to the most words W, and ``visual_word_weights`` (P,) float.
+
+    Raises
+    ------
+    ValueError
+        If ``visual_words`` does not have one entry per visual token.
     """
     messages = to_chat_messages(turns)
     text, spans = assistant_char_spans(processor, messages)
@@ -330,10 +373,42 @@ def encode_conversation(processor: Any, turns: list[Turn], images: list[Any] | N
         if any(span_start <= position < span_end for span_start, span_end in text_spans):
             labels[index] = input_ids[index]
     example = {"input_ids": input_ids, "labels": labels}
+    if visual_words is not None:
+        example.update(encode_visual_words(tokenizer, visual_words, int(is_image.sum())))
     for key, value in encoded.items():
         if key not in ("input_ids", "attention_mask", "offset_mapping") and isinstance(value, torch.Tensor):
             example[key] = value
     return example
+
+
+def encode_visual_words(
+    tokenizer: Any, visual_words: list[tuple[str, float]], visual_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Visual word targets as tensors: ``visual_word_ids`` (P, W) long, -100-padded, and ``visual_word_weights`` (P,).
+
+    Each word is represented by the first token of ``" " + word`` (how it starts mid-sentence); a token without
+    words gets weight 0.
+    """
+    if len(visual_words) != visual_tokens:
+        raise ValueError(f"visual_words has {len(visual_words)} entries but the prompt has {visual_tokens} visual "
+                         "tokens; give one entry per visual token.")
+    cache: dict[str, int] = {}
+
+    def first_token(word: str) -> int:
+        if word not in cache:
+            ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            cache[word] = int(ids[0])
+        return cache[word]
+
+    words = [entry.split() for entry, _ in visual_words]
+    width = max(1, max(len(w) for w in words))
+    ids = torch.full((visual_tokens, width), IGNORE_INDEX, dtype=torch.long)
+    weights = torch.zeros(visual_tokens, dtype=torch.float32)
+    for index, (token_words, (_, weight)) in enumerate(zip(words, visual_words)):
+        if token_words:
+            ids[index, : len(token_words)] = torch.tensor([first_token(word) for word in token_words])
+            weights[index] = weight
+    return {"visual_word_ids": ids, "visual_word_weights": weights}
 
 
 # --- dataset and collator ----------------------------------------------------------------------------------------
@@ -388,6 +463,8 @@ class LlavaJsonDataset(Dataset):
             )
         if not self.records:
             raise DataError(self.data_path, None, None, f"no valid record (skipped {len(self.skipped)}).")
+        #: Every example carries visual word targets (all-zero weights where its record has none) so batches stack.
+        self.has_visual_words = any(record.visual_words is not None for record in self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -396,7 +473,11 @@ class LlavaJsonDataset(Dataset):
         record = self.records[index]
         try:
             images = [_load_image(path) for path in record.image_paths]
-            return encode_conversation(self.processor, record.turns, images)
+            example = encode_conversation(self.processor, record.turns, images, record.visual_words)
+            if self.has_visual_words and record.visual_words is None:
+                visual = int((example["input_ids"] == int(self.processor.image_token_id)).sum())
+                example.update(encode_visual_words(self.processor.tokenizer, [("", 0.0)] * visual, visual))
+            return example
         except (OSError, ValueError, TypeError) as error:
             raise DataError(self.data_path, record.line, record.record_id, f"cannot be encoded: {error}") from error
 
@@ -439,6 +520,12 @@ class LeftPaddingCollator:
             attention_mask[row, width - length:] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         extra_keys = sorted({key for example in examples for key in example} - {"input_ids", "labels"})
+        if "visual_word_ids" in extra_keys:  # (P_i, W_i) per example -> (sum P_i, max W_i), -100-padded
+            extra_keys.remove("visual_word_ids")
+            rows = [example["visual_word_ids"] for example in examples]
+            width = max(int(row.shape[1]) for row in rows)
+            batch["visual_word_ids"] = torch.cat([
+                torch.nn.functional.pad(row, (0, width - int(row.shape[1])), value=IGNORE_INDEX) for row in rows])
         for key in extra_keys:
             batch[key] = torch.cat([example[key] for example in examples if key in example], dim=0)
         return batch

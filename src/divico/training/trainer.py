@@ -33,7 +33,7 @@ from divico.api import apply_compression, get_runtime, unwrap_model
 from divico.config import CompressionConfig
 from divico.io import save_compressor
 from divico.runtime import CompressionRuntime
-from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
+from divico.training.data import IGNORE_INDEX, LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,12 @@ class TrainingConfig:
     beta
         Weight of the KL term, >= 0 (paper: 0.02). The KL is per dimension, averaged over kept tokens and
         dimensions (see module docstring). Ignored by methods without a KL term.
+    visual_word_weight
+        Weight of the visual word loss, >= 0 (0: off): at every image token whose record gives ``"visual_words"``
+        (:mod:`divico.training.data`), the cross-entropy of the LM head's next-token distribution against each of
+        those words, weighted per token. A dense grounding signal (every visual token is a target) for teaching an
+        LLM to read its visual tokens; it needs the visual tokens uncompressed at the output (e.g. DeCo at
+        ``keep_ratio=1.0``).
     lora_r, lora_alpha, lora_dropout
         LoRA rank (0 disables LoRA), scaling numerator and dropout.
     lora_target_modules
@@ -105,6 +111,7 @@ class TrainingConfig:
         default_factory=lambda: CompressionConfig(method="divico", keep_ratio=PAPER_KEEP_RATIO, layer=2)
     )
     beta: float = 0.02
+    visual_word_weight: float = 0.0
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
@@ -135,6 +142,9 @@ class TrainingConfig:
             raise TypeError(f"compression must be a divico.CompressionConfig, got {type(self.compression).__name__}.")
         if not (isinstance(self.beta, (int, float)) and self.beta >= 0 and math.isfinite(self.beta)):
             raise ValueError(f"beta must be a finite number >= 0 (paper: 0.02), got {self.beta!r}.")
+        weight = self.visual_word_weight
+        if not (isinstance(weight, (int, float)) and weight >= 0 and math.isfinite(weight)):
+            raise ValueError(f"visual_word_weight must be a finite number >= 0 (0: off), got {weight!r}.")
         _require_int("lora_r", self.lora_r, minimum=0)
         if self.lora_r and not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}.")
@@ -285,6 +295,58 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
     return sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
 
 
+def visual_word_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    word_ids: torch.Tensor,
+    word_weights: torch.Tensor,
+    visual_token_ids: tuple[int, ...],
+) -> torch.Tensor:
+    """Weighted cross-entropy of the LM head at image tokens against the words each token shows.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Shape (B, L, V), the model's output over the full (uncompressed) sequence.
+    input_ids : torch.Tensor
+        Shape (B, L); image tokens are those equal to one of ``visual_token_ids``.
+    word_ids : torch.Tensor
+        Shape (P, W) long, P = number of image tokens in the batch (row-major), -100-padded word token ids.
+    word_weights : torch.Tensor
+        Shape (P,), weight of each image token (0: no target).
+    visual_token_ids : tuple of int
+        Placeholder ids of visual tokens.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: sum over tokens of weight x mean word NLL, divided by the sum of weights (0 when all are 0).
+
+    Raises
+    ------
+    ValueError
+        If the output sequence is shorter than the input (visual tokens were compressed) or P does not match.
+    """
+    if logits.shape[1] != input_ids.shape[1]:
+        raise ValueError(
+            f"The visual word loss needs every visual token at the output, but the output has {logits.shape[1]} "
+            f"positions for {input_ids.shape[1]} inputs; train it uncompressed (e.g. DeCo at keep_ratio=1.0)."
+        )
+    mask = torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
+    if int(mask.sum()) != word_ids.shape[0]:
+        raise ValueError(f"{word_ids.shape[0]} visual word targets for {int(mask.sum())} visual tokens in the batch.")
+    weights = word_weights.to(logits.device, torch.float32)
+    if not bool((weights > 0).any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    chosen = weights > 0
+    log_probs = torch.log_softmax(logits[mask][chosen].float(), dim=-1)  # (P', V)
+    ids = word_ids.to(logits.device)[chosen]
+    valid = ids != IGNORE_INDEX
+    nll = -log_probs.gather(-1, ids.clamp_min(0)) * valid  # (P', W)
+    per_token = nll.sum(-1) / valid.sum(-1).clamp_min(1)
+    return (per_token * weights[chosen]).sum() / weights[chosen].sum()
+
+
 # --- Trainer -----------------------------------------------------------------------------------------------------
 class DiViCoTrainer(Trainer):
     """``Trainer`` whose loss adds ``beta * KL`` and whose checkpoints hold only the trained tensors.
@@ -299,12 +361,17 @@ class DiViCoTrainer(Trainer):
         As for ``transformers.Trainer``.
     """
 
-    def __init__(self, *args: Any, runtime: CompressionRuntime, beta: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, runtime: CompressionRuntime, beta: float, visual_word_weight: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.divico_runtime = runtime
         self.beta = float(beta)
+        self.visual_word_weight = float(visual_word_weight)
         self._kl_sum = 0.0
         self._kl_count = 0
+        self._word_sum = 0.0
+        self._word_count = 0
 
     def compute_loss(
         self,
@@ -313,11 +380,19 @@ class DiViCoTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Causal-LM loss (as ``Trainer`` computes it) + beta * KL of this forward."""
+        """Causal-LM loss (as ``Trainer`` computes it) + beta * KL + visual_word_weight * visual word loss."""
         self.divico_runtime.report = None  # a batch without images must not reuse an older KL
+        inputs = dict(inputs)
+        word_ids, word_weights = inputs.pop("visual_word_ids", None), inputs.pop("visual_word_weights", None)
         loss, outputs = super().compute_loss(
             model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        if word_ids is not None and word_weights is not None and self.visual_word_weight > 0:
+            word_loss = visual_word_loss(outputs.logits, inputs["input_ids"], word_ids, word_weights,
+                                         self.divico_runtime.adapter.visual_token_ids())
+            self._word_sum += float(word_loss.detach())
+            self._word_count += 1
+            loss = loss + self.visual_word_weight * word_loss.to(loss.dtype)
         report = self.divico_runtime.report
         kl = report.kl if report is not None else None
         if kl is not None:
@@ -338,6 +413,9 @@ class DiViCoTrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
             logs["kl"] = round(float(mean_kl), 6)
+        if "loss" in logs and self._word_count:
+            logs["visual_word_loss"] = round(self._word_sum / self._word_count, 6)
+            self._word_sum, self._word_count = 0.0, 0
             logs["beta"] = self.beta
             self._kl_sum, self._kl_count = 0.0, 0
         super().log(logs, start_time)
@@ -487,6 +565,7 @@ def train(
         callbacks=callbacks,
         runtime=runtime,
         beta=config.beta,
+        visual_word_weight=config.visual_word_weight,
     )
     resume_from = last_checkpoint(config) if config.resume else None
     if resume_from is not None:

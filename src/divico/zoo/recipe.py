@@ -7,7 +7,9 @@ from its last Trainer checkpoint):
    standardisation into the projector (:func:`calibrate_projector`) and pre-aligning it to the word embeddings
    of what each patch shows (:func:`align_projector`, no LLM forward, a few minutes).
 2. ``stage2``: instruction tuning on every mini-benchmark style (LoRA on the LLM + projector), on multi-turn
-   conversations that ask eight questions per image (the 144 visual tokens are paid for once per eight answers).
+   conversations that ask eight questions per image (the 144 visual tokens are paid for once per eight answers),
+   plus the visual word loss (:func:`divico.training.visual_word_loss`): at every visual token the LM head should
+   name what the patch shows (:func:`scene_patch_words`), 144 dense targets per image next to eight answers.
    The result is the uncompressed *base* model that the demo and every compressor start from (LoRA merged).
 3. ``compressors/<method>-<keep>``: DiViCo and DeCo at the paper's rates 16.7% / 11.1% / 6.7% of the visual
    tokens kept, and the ablation variants (a: FastV + LoRA, b: deterministic encoder) at 11.1%.
@@ -44,7 +46,8 @@ class RecipeConfig:
     """Sizes and hyper-parameters of the default model's training.
 
     The defaults are what the shipped checkpoints were trained with on 2 CPU cores (~6 min projector calibration,
-    alignment and stage 1; ~50 min for stage 2 at ~17 s per step; ~22 min for the eight compressors);
+    alignment and stage 1; ~60 min for stage 2 at ~10-12 s per step; ~9 min for the eight compressors at ~1 min
+    each);
     scale the step counts up on a GPU or for better accuracy (``--steps-scale``).
     """
 
@@ -55,9 +58,13 @@ class RecipeConfig:
     batch_size: int = 4
     stage1_steps: int = 30
     stage1_lr: float = 1e-3
-    stage2_steps: int = 180
+    stage2_steps: int = 300
     stage2_lr: float = 1e-3
     stage2_lora_r: int = 16
+    #: Weight of the visual word loss in stage 2 (every visual token names what it shows; 0: off), and the weight
+    #: of background patches within it (objects and signs: 1).
+    visual_word_weight: float = 1.0
+    visual_word_background_weight: float = 0.2
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
     #: Standardise the vision features and match text-embedding norms in the projector before stage 1.
@@ -69,6 +76,8 @@ class RecipeConfig:
     compressor_steps: int = 30
     compressor_lr: float = 2e-4
     compressor_lora_r: int = 8
+    #: LoRA dropout in every stage (0.05 costs 29% of a CPU step, benchmarks/training_step_time.py).
+    lora_dropout: float = 0.0
     layer: int = 2
     beta: float = 0.02
     encoder_hidden_size: int | None = 288
@@ -169,23 +178,20 @@ def _word_embedding(model: nn.Module, tokenizer: Any, words: str) -> torch.Tenso
     return model.get_input_embeddings().weight[ids].float().mean(dim=0)
 
 
-def scene_patch_targets(model: nn.Module, tokenizer: Any, scene: Any, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Word-embedding targets for every patch of a rendered scene, from its ground truth.
+def scene_patch_words(scene: Any, grid: int) -> list[tuple[tuple[str, ...], bool]]:
+    """What every patch of a rendered scene shows, from its ground truth, in raster order.
 
-    A patch whose centre lies on an object gets the mean embedding of its colour and shape words ("red",
-    "square"); on a sign, of its colour and "sign"; elsewhere, of the background colour and "background".
+    A patch whose centre lies on an object shows its colour and shape words (``("red", "square")``); on a sign,
+    its colour and ``"sign"``; elsewhere, the background colour and ``"background"``. A tiny object that covers
+    no patch centre is given its nearest patch.
 
     Returns
     -------
-    targets : torch.Tensor
-        Shape (grid * grid, D), patches in raster order.
-    on_item : torch.Tensor
-        Shape (grid * grid,) bool, True on objects and signs.
+    list of (words, on_item)
+        ``grid * grid`` entries; ``on_item`` is True on objects and signs.
     """
-    background = torch.stack([_word_embedding(model, tokenizer, scene.background),
-                              _word_embedding(model, tokenizer, "background")]).mean(dim=0)
-    targets = background.expand(grid * grid, -1).clone()
-    on_item = torch.zeros(grid * grid, dtype=torch.bool)
+    background = ((scene.background, "background"), False)
+    patches: list[tuple[tuple[str, ...], bool]] = [background] * (grid * grid)
     centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     items = [(o.x, o.y, max(o.size / 2, 0.5 / grid), (o.color, o.shape)) for o in scene.objects]
@@ -194,11 +200,57 @@ def scene_patch_targets(model: nn.Module, tokenizer: Any, scene: Any, grid: int)
     for x, y, radius, words in items:
         inside = ((cols - x) ** 2 + (rows - y) ** 2 <= radius**2).flatten()
         if not bool(inside.any()):  # a tiny object: its nearest patch
-            inside = torch.zeros_like(inside)
             inside[int(min(y * grid, grid - 1)) * grid + int(min(x * grid, grid - 1))] = True
-        targets[inside] = torch.stack([_word_embedding(model, tokenizer, w) for w in words]).mean(dim=0)
-        on_item |= inside
-    return targets, on_item
+        for index in torch.nonzero(inside).flatten().tolist():
+            patches[index] = (words, True)
+    return patches
+
+
+def scene_patch_targets(model: nn.Module, tokenizer: Any, scene: Any, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word-embedding targets for every patch of a rendered scene: the mean embedding of :func:`scene_patch_words`.
+
+    Returns
+    -------
+    targets : torch.Tensor
+        Shape (grid * grid, D), patches in raster order.
+    on_item : torch.Tensor
+        Shape (grid * grid,) bool, True on objects and signs.
+    """
+    patches = scene_patch_words(scene, grid)
+    embeddings: dict[tuple[str, ...], torch.Tensor] = {}
+    for words, _ in patches:
+        if words not in embeddings:
+            embeddings[words] = torch.stack([_word_embedding(model, tokenizer, w) for w in words]).mean(dim=0)
+    targets = torch.stack([embeddings[words] for words, _ in patches])
+    return targets, torch.tensor([on_item for _, on_item in patches])
+
+
+def write_visual_words(
+    source: Path, target: Path, data: Path, grid: int, background_weight: float = 0.2,
+) -> int:
+    """Copy a LLaVA training file of scene conversations, adding each record's ``"visual_words"``.
+
+    Object and sign patches get weight 1, background patches ``background_weight`` (:func:`scene_patch_words`).
+
+    Returns
+    -------
+    int
+        Number of records written.
+    """
+    from divico.data import load_scenes
+
+    if not 0 <= background_weight < float("inf"):
+        raise ValueError(f"background_weight must be a finite number >= 0, got {background_weight!r}.")
+    scenes = load_scenes(data, "train")
+    records = json.loads(Path(source).read_text())
+    for record in records:
+        scene = scenes.get(record.get("image"))
+        if scene is None:
+            raise KeyError(f"no scene for image {record.get('image')!r} of record {record.get('id')!r} in {data}")
+        record["visual_words"] = [" ".join(words) if on_item else [" ".join(words), background_weight]
+                                  for words, on_item in scene_patch_words(scene, grid)]
+    Path(target).write_text(json.dumps(records))
+    return len(records)
 
 
 def align_projector(
@@ -330,12 +382,14 @@ def _stage_steps(directory: Path) -> int:
 def _train_stage(
     model: nn.Module, processor: Any, data: Path, image_folder: Path, out: Path, compression: CompressionConfig,
     steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
+    visual_word_weight: float = 0.0,
 ) -> None:
     from divico.training import TrainingConfig, train
 
     train(model, processor, TrainingConfig(
         data_path=data, image_folder=image_folder, output_dir=out, compression=compression, beta=beta,
-        lora_r=lora_r, lora_alpha=2 * max(lora_r, 1), lora_dropout=0.05, lora_target_modules=lora_targets,
+        visual_word_weight=visual_word_weight, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1),
+        lora_dropout=config.lora_dropout, lora_target_modules=lora_targets,
         learning_rate=lr, max_steps=steps, per_device_batch_size=config.batch_size, seed=config.seed,
         logging_steps=5, save_steps=10, save_total_limit=1, warmup=0.05, bf16=config.bf16,
     ))
@@ -371,6 +425,15 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         stage2_data = data / f"llava_train_multiturn{config.multiturn_turns}.json"
         if not stage2_data.is_file():
             write_multiturn_training(data, seed=config.seed, turns=config.multiturn_turns)
+    if config.visual_word_weight:
+        from divico.zoo.default_model import num_visual_tokens
+
+        grid = round(num_visual_tokens(config.image_size) ** 0.5)
+        background = config.visual_word_background_weight
+        with_words = stage2_data.with_name(f"{stage2_data.stem}_words{grid}_bg{background:g}.json")
+        if not with_words.is_file():
+            write_visual_words(stage2_data, with_words, data, grid, background)
+        stage2_data = with_words
     keep_all = CompressionConfig("deco", keep_ratio=1.0)
     done: dict[str, str] = {}
 
@@ -394,7 +457,7 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         load_compressor(model, stage1)
         remove_compression(model)
         _train_stage(model, processor, stage2_data, data, stage2, keep_all, config.stage2_steps,
-                     config.stage2_lr, config.stage2_lora_r, config, None, 0.0)
+                     config.stage2_lr, config.stage2_lora_r, config, None, 0.0, config.visual_word_weight)
     done["stage2"] = str(stage2)
 
     for name, compression in compressor_runs(config).items():
