@@ -319,6 +319,14 @@ def test_training_with_visual_words_adds_and_lowers_the_word_loss(tmp_path: Path
                             batch["visual_word_weights"], (IMAGE_TOKEN_ID,))
     assert float(word.detach()) > 0
     assert float(loss.detach()) == pytest.approx(float(outputs.loss.detach()) + 0.7 * float(word.detach()), rel=1e-5)
+    # Logged KL and word loss are means over each logging window, each reset on its own.
+    trainer._kl_sum, trainer._kl_count, trainer._word_sum, trainer._word_count = 3.0, 2, 0.0, 0
+    trainer.log({"loss": 1.0})
+    trainer._kl_sum, trainer._kl_count, trainer._word_sum, trainer._word_count = 0.5, 1, 6.0, 3
+    trainer.log({"loss": 1.0})
+    first, second = trainer.state.log_history[-2:]
+    assert (first["kl"], first["beta"], "visual_word_loss" in first) == (1.5, 0.0, False)
+    assert (second["kl"], second["visual_word_loss"]) == (0.5, 2.0)
 
     result = train(tiny_llava(), processor, config_for(
         tmp_path, data, images, compression=keep_all, visual_word_weight=1.0, max_steps=30, lora_r=8))

@@ -387,37 +387,37 @@ class DiViCoTrainer(Trainer):
         loss, outputs = super().compute_loss(
             model, {**inputs, "use_cache": False}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
+        # The LM loss above is already divided over the accumulated batch when normalised by num_items_in_batch;
+        # the KL and visual word terms are per-micro-batch means, so give them the same share.
+        scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
         if word_ids is not None and word_weights is not None and self.visual_word_weight > 0:
             word_loss = visual_word_loss(outputs.logits, inputs["input_ids"], word_ids, word_weights,
                                          self.divico_runtime.adapter.visual_token_ids())
             self._word_sum += float(word_loss.detach())
             self._word_count += 1
-            loss = loss + self.visual_word_weight * word_loss.to(loss.dtype)
+            loss = loss + self.visual_word_weight * word_loss.to(loss.dtype) / steps
         report = self.divico_runtime.report
         kl = report.kl if report is not None else None
         if kl is not None:
             self._kl_sum += float(kl.detach())
             self._kl_count += 1
             if self.beta > 0:
-                # The LM loss above is already divided over the accumulated batch when normalised by
-                # num_items_in_batch; KL is a per-micro-batch mean, so give it the same share.
-                scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-                steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
                 loss = loss + self.beta * kl.to(loss.dtype) / steps
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean KL since the last log (and beta) to every training-loss log entry."""
+        """Add the mean KL (and beta) and the mean visual word loss since the last log to every training-loss entry."""
         if "loss" in logs and self._kl_count:
             mean_kl = torch.tensor(self._kl_sum / self._kl_count, device=self.args.device)
             if self.accelerator.num_processes > 1:
                 mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
             logs["kl"] = round(float(mean_kl), 6)
+            logs["beta"] = self.beta
+            self._kl_sum, self._kl_count = 0.0, 0
         if "loss" in logs and self._word_count:
             logs["visual_word_loss"] = round(self._word_sum / self._word_count, 6)
             self._word_sum, self._word_count = 0.0, 0
-            logs["beta"] = self.beta
-            self._kl_sum, self._kl_count = 0.0, 0
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
