@@ -229,11 +229,13 @@ def test_visual_words_become_first_word_tokens_weights_and_padded_batches(tmp_pa
     write_images(tmp_path, 1)
     words = ["red square", ["blue circle", 0.5], "", ["green", 2]] + [""] * (TOKENS_PER_IMAGE - 4)
     data = tmp_path / "train.json"
-    data.write_text(json.dumps([_visual_words_record("w", words), GOOD]))
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "what"}, {"from": "gpt", "value": "red"}]}
+    data.write_text(json.dumps([_visual_words_record("w", words), GOOD, text_only]))
     processor = tiny_processor()
     dataset = LlavaJsonDataset(data, processor, tmp_path)
     vocab = processor.tokenizer.get_vocab()
     with_words, without = dataset[0], dataset[1]
+    assert dataset[2]["visual_word_ids"].shape == (0, 1)
     assert with_words["visual_word_ids"].shape == (TOKENS_PER_IMAGE, 2)
     assert with_words["visual_word_ids"][:4].tolist() == [
         [vocab["red"], vocab["square"]], [vocab["blue"], vocab["circle"]], [-100, -100], [vocab["green"], -100]]
@@ -242,7 +244,7 @@ def test_visual_words_become_first_word_tokens_weights_and_padded_batches(tmp_pa
     # A record without targets still carries (all-ignored) rows so batches stack in image-token order.
     assert without["visual_word_ids"].shape == (TOKENS_PER_IMAGE, 1)
     assert bool((without["visual_word_ids"] == -100).all()) and float(without["visual_word_weights"].sum()) == 0.0
-    batch = LeftPaddingCollator(0)([without, with_words])
+    batch = LeftPaddingCollator(0)([without, dataset[2], with_words])
     assert batch["visual_word_ids"].shape == (2 * TOKENS_PER_IMAGE, 2)
     assert bool((batch["visual_word_ids"][:TOKENS_PER_IMAGE] == -100).all())
     assert torch.equal(batch["visual_word_ids"][TOKENS_PER_IMAGE:], with_words["visual_word_ids"])

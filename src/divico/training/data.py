@@ -401,7 +401,7 @@ def encode_visual_words(
         return cache[word]
 
     words = [entry.split() for entry, _ in visual_words]
-    width = max(1, max(len(w) for w in words))
+    width = max(1, max((len(w) for w in words), default=0))
     ids = torch.full((visual_tokens, width), IGNORE_INDEX, dtype=torch.long)
     weights = torch.zeros(visual_tokens, dtype=torch.float32)
     for index, (token_words, (_, weight)) in enumerate(zip(words, visual_words)):
