@@ -288,13 +288,14 @@ def test_visual_word_loss_by_hand() -> None:
     first = -(log_probs[1, 1] + log_probs[1, 2]) / 2
     second = -log_probs[2, 4]
     expected = (1.0 * first + 0.5 * second) / 1.5
-    loss = visual_word_loss(logits, input_ids, word_ids, weights, (9,))
+    visual = input_ids == 9
+    loss = visual_word_loss(logits, visual, word_ids, weights)
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
-    assert float(visual_word_loss(logits, input_ids, word_ids, torch.zeros(2), (9,))) == 0.0
+    assert float(visual_word_loss(logits, visual, word_ids, torch.zeros(2))) == 0.0
     with pytest.raises(ValueError, match="output has 3 positions for 4 inputs"):
-        visual_word_loss(logits[:, :3], input_ids, word_ids, weights, (9,))
+        visual_word_loss(logits[:, :3], visual, word_ids, weights)
     with pytest.raises(ValueError, match="3 visual word targets for 2 visual tokens"):
-        visual_word_loss(logits, input_ids, torch.ones(3, 1, dtype=torch.long), torch.ones(3), (9,))
+        visual_word_loss(logits, visual, torch.ones(3, 1, dtype=torch.long), torch.ones(3))
 
 
 def test_training_with_visual_words_adds_and_lowers_the_word_loss(tmp_path: Path) -> None:
@@ -317,8 +318,8 @@ def test_training_with_visual_words_adds_and_lowers_the_word_loss(tmp_path: Path
     )
     batch = LeftPaddingCollator(0)([dataset[i] for i in range(4)])
     loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
-    word = visual_word_loss(outputs.logits, batch["input_ids"], batch["visual_word_ids"],
-                            batch["visual_word_weights"], (IMAGE_TOKEN_ID,))
+    word = visual_word_loss(outputs.logits, batch["input_ids"] == IMAGE_TOKEN_ID, batch["visual_word_ids"],
+                            batch["visual_word_weights"])
     assert float(word.detach()) > 0
     assert float(loss.detach()) == pytest.approx(float(outputs.loss.detach()) + 0.7 * float(word.detach()), rel=1e-5)
     # Logged KL and word loss are means over each logging window, each reset on its own.

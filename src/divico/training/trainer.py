@@ -296,11 +296,7 @@ def trainable_parameter_names(model: nn.Module) -> list[str]:
 
 
 def visual_word_loss(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    word_ids: torch.Tensor,
-    word_weights: torch.Tensor,
-    visual_token_ids: tuple[int, ...],
+    logits: torch.Tensor, visual_mask: torch.Tensor, word_ids: torch.Tensor, word_weights: torch.Tensor
 ) -> torch.Tensor:
     """Weighted cross-entropy of the LM head at image tokens against the words each token shows.
 
@@ -308,14 +304,12 @@ def visual_word_loss(
     ----------
     logits : torch.Tensor
         Shape (B, L, V), the model's output over the full (uncompressed) sequence.
-    input_ids : torch.Tensor
-        Shape (B, L); image tokens are those equal to one of ``visual_token_ids``.
+    visual_mask : torch.Tensor
+        Shape (B, L) bool, True at image tokens of the input (``ModelAdapter.visual_token_mask``).
     word_ids : torch.Tensor
         Shape (P, W) long, P = number of image tokens in the batch (row-major), -100-padded word token ids.
     word_weights : torch.Tensor
         Shape (P,), weight of each image token (0: no target).
-    visual_token_ids : tuple of int
-        Placeholder ids of visual tokens.
 
     Returns
     -------
@@ -327,19 +321,19 @@ def visual_word_loss(
     ValueError
         If the output sequence is shorter than the input (visual tokens were compressed) or P does not match.
     """
-    if logits.shape[1] != input_ids.shape[1]:
+    if logits.shape[1] != visual_mask.shape[1]:
         raise ValueError(
             f"The visual word loss needs every visual token at the output, but the output has {logits.shape[1]} "
-            f"positions for {input_ids.shape[1]} inputs; train it uncompressed (e.g. DeCo at keep_ratio=1.0)."
+            f"positions for {visual_mask.shape[1]} inputs; train it uncompressed (e.g. DeCo at keep_ratio=1.0)."
         )
-    mask = torch.isin(input_ids, torch.tensor(visual_token_ids, device=input_ids.device))
-    if int(mask.sum()) != word_ids.shape[0]:
-        raise ValueError(f"{word_ids.shape[0]} visual word targets for {int(mask.sum())} visual tokens in the batch.")
+    visual = int(visual_mask.sum())
+    if visual != word_ids.shape[0]:
+        raise ValueError(f"{word_ids.shape[0]} visual word targets for {visual} visual tokens in the batch.")
     weights = word_weights.to(logits.device, torch.float32)
-    if not bool((weights > 0).any()):
-        return logits.new_zeros((), dtype=torch.float32)
     chosen = weights > 0
-    log_probs = torch.log_softmax(logits[mask][chosen].float(), dim=-1)  # (P', V)
+    if not bool(chosen.any()):
+        return logits.new_zeros((), dtype=torch.float32)
+    log_probs = torch.log_softmax(logits[visual_mask][chosen].float(), dim=-1)  # (P', V)
     ids = word_ids.to(logits.device)[chosen]
     valid = ids != IGNORE_INDEX
     nll = -log_probs.gather(-1, ids.clamp_min(0)) * valid  # (P', W)
@@ -392,8 +386,8 @@ class DiViCoTrainer(Trainer):
         scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
         if word_ids is not None and word_weights is not None and self.visual_word_weight > 0:
-            word_loss = visual_word_loss(outputs.logits, inputs["input_ids"], word_ids, word_weights,
-                                         self.divico_runtime.adapter.visual_token_ids())
+            visual_mask = self.divico_runtime.adapter.visual_token_mask(inputs["input_ids"], None)
+            word_loss = visual_word_loss(outputs.logits, visual_mask, word_ids, word_weights)
             self._word_sum += float(word_loss.detach())
             self._word_count += 1
             loss = loss + self.visual_word_weight * word_loss.to(loss.dtype) / steps
