@@ -6,7 +6,8 @@ The image is replaced by the scene's ground-truth caption ("Scene: An image with
 a black square. ..."), so nothing has to be read from visual tokens. SmolLM2-135M (the default model's LLM, no
 vision) gets LoRA r=16 on all linear layers and is trained on the stage-2 multi-turn conversations in that form
 (caption turns dropped, they would give the scene away), batch 4, lr 1e-3, bf16 autocast. Exact-match accuracy of
-greedy answers on the first test questions of POPE, GQA, MME and TextVQA is printed before and after training.
+greedy answers (``divico.metrics.exact_match_accuracy``) on the first test questions of POPE, GQA, MME and
+TextVQA is printed before and after training (and after each ``--eval-at`` step).
 It separates the two halves of the default model's problem: reading the visual tokens vs. learning to answer.
 """
 
@@ -25,6 +26,7 @@ from divico.api import remove_compression
 from divico.config import CompressionConfig
 from divico.data import load_scenes
 from divico.data.benchmarks import build_prompt
+from divico.metrics import exact_match_accuracy
 from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 from divico.training.trainer import TrainingConfig, prepare_model_for_training
 from divico.zoo.default_model import build_default_model
@@ -56,10 +58,7 @@ def scene_text(scenes: dict[str, Any], image: str) -> str:
 
 
 def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[dict[str, Any]]) -> float:
-    def normalise(text: str) -> str:
-        return text.strip().lower().rstrip(".")
-
-    correct = 0
+    predictions, answers = [], []
     with torch.no_grad():
         for row in rows:
             content = [{"type": "text", "text": scene_text(scenes, row["image"]) + "\n" + build_prompt(row)}]
@@ -67,10 +66,9 @@ def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[d
                                                    return_tensors="pt", return_dict=True)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-            answer = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            gold = row.get("answer") or row["answers"][0]
-            correct += normalise(answer) == normalise(str(gold))
-    return 100.0 * correct / len(rows)
+            predictions.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            answers.append(str(row.get("answer") or row["answers"][0]))
+    return exact_match_accuracy(predictions, answers)
 
 
 def main() -> None:
@@ -78,11 +76,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True, help="a `divico make-data` folder with the multi-turn file")
     parser.add_argument("--turns-file", default="llava_train_multiturn8.json")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-at", type=int, nargs="*", default=[],
+                        help="also report after these steps (before and after training always)")
     parser.add_argument("--eval-questions", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path("runs/text-scene-control"))
     args = parser.parse_args()
     if args.steps < 0 or args.eval_questions < 1:
         parser.error(f"--steps must be >= 0 and --eval-questions >= 1, got {args.steps} and {args.eval_questions}")
+    if any(not 0 < step < args.steps for step in args.eval_at):
+        parser.error(f"--eval-at steps must be in (0, {args.steps}), got {args.eval_at}")
     torch.manual_seed(0)
     model, processor = build_default_model()
     scenes = {**load_scenes(args.data, "train"), **load_scenes(args.data, "test")}
@@ -126,6 +128,8 @@ def main() -> None:
         if step % 5 == 4:
             print(f"step {step + 1} loss {float(loss.detach()):.3f} "
                   f"{(time.perf_counter() - started) / (step + 1):.1f} s/step", flush=True)
+        if step + 1 in args.eval_at:
+            report(step + 1)
     report(args.steps)
 
 
