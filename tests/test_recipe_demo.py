@@ -271,3 +271,13 @@ def test_align_projector_moves_tokens_onto_their_word_targets(tmp_path):
         assert torch.equal(value, vision_before[name]), name
     with pytest.raises(ValueError, match="needs >= 10 training scenes"):
         align_projector(model, processor, tmp_path, images=5, steps=1)
+
+
+def test_retrain_default_refuses_bad_stage2_options_before_training(tmp_path, capsys):
+    from divico.cli import main
+
+    assert main(["retrain-default", "--out", str(tmp_path / "r"), "--stage2-steps", "0"]) == 2
+    assert "--stage2-steps must be >= 1, got 0" in capsys.readouterr().out
+    assert main(["retrain-default", "--out", str(tmp_path / "r"), "--stage2-init", str(tmp_path / "nowhere")]) == 2
+    assert "stage2_init='" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()

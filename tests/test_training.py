@@ -522,6 +522,11 @@ def test_cli_trains_from_a_model_folder(tmp_path: Path) -> None:
     assert state["global_step"] == 2
     # Trained tensors are saved in float32 although the frozen base ran in bf16.
     assert all(t.dtype == torch.float32 for t in trained_tensors(out).values())
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--image-folder", str(images), "--method",
+              "divico", "--keep-ratio", "0.25", "--lora-r", "2", "--max-steps", "1", "--no-progress"]
+    assert main([*common, "--output", str(tmp_path / "warm"), "--init-from", str(out)]) == 0
+    assert json.loads((tmp_path / "warm" / "training_config.json").read_text())["init_from"] == str(out)
+    assert main([*common, "--output", str(tmp_path / "x"), "--init-from", str(tmp_path / "nowhere")]) == 2
 
 
 def test_cli_reports_a_bad_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -555,3 +560,41 @@ def test_nothing_to_train_is_refused(tmp_path: Path) -> None:
     data, images = write_color_data(tmp_path, 1)
     with pytest.raises(ValueError, match="Nothing to train"):
         train(tiny_llava(), tiny_processor(), config_for(tmp_path, data, images, method="fastv", lora_r=0))
+
+
+class SaveAtStart(TrainerCallback):
+    """Writes the model's trained parts as training begins (after any warm start, before the first step)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        divico.save_compressor(model, self.folder)
+
+
+def test_warm_start_begins_from_the_earlier_run_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path)
+    processor = tiny_processor()
+    first = train(tiny_llava(), processor, config_for(tmp_path / "first", data, images, max_steps=3))
+    start = tmp_path / "start"
+    second = train(tiny_llava(), processor, config_for(tmp_path / "second", data, images, max_steps=2,
+                                                         init_from=first.output_dir),
+                   callbacks=[SaveAtStart(start)])
+    earlier, began, ended = (trained_tensors(d) for d in (first.output_dir, start, second.output_dir))
+    assert earlier.keys() == began.keys() == ended.keys()
+    for name in earlier:
+        assert torch.equal(began[name], earlier[name]), name
+    assert any(not torch.equal(ended[name], earlier[name]) for name in earlier)  # ... and it went on training
+    # A cold start begins elsewhere: lora_B is zero and the encoder freshly initialised.
+    cold = tmp_path / "cold"
+    train(tiny_llava(), processor, config_for(tmp_path / "third", data, images, max_steps=1),
+          callbacks=[SaveAtStart(cold)])
+    assert any(not torch.equal(trained_tensors(cold)[name], earlier[name]) for name in earlier)
+
+    with pytest.raises(ValueError, match="does not fit this model"):
+        train(tiny_llava(), processor, config_for(tmp_path / "rank", data, images, lora_r=2, init_from=first.output_dir))
+    with pytest.raises(ValueError, match="is for method='divico'"):
+        train(tiny_llava(), processor,
+              config_for(tmp_path / "method", data, images, method="deco", init_from=first.output_dir))
+    with pytest.raises(FileNotFoundError, match="init_from='.*nowhere' is not the output folder"):
+        config_for(tmp_path, data, images, init_from=tmp_path / "nowhere")

@@ -16,6 +16,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/default-recipe"))
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply every stage's step count (e.g. 4 on a GPU)")
+    parser.add_argument("--stage2-init", type=Path, default=None,
+                        help="continue stage 2 from a trained stage-2 folder (e.g. the shipped assets' stage2; "
+                        "stage 1 is skipped), for --stage2-steps more steps")
+    parser.add_argument("--stage2-steps", type=int, default=None,
+                        help="stage-2 steps (default: the recipe's, times --steps-scale)")
     parser.add_argument("--only", nargs="*", default=None, help="stage-3 runs to train (default: all)")
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")
@@ -27,9 +32,14 @@ def run(args: argparse.Namespace) -> int:
     from divico.zoo.recipe import RecipeConfig, export_assets, run_recipe
 
     try:
-        config = RecipeConfig(output_dir=args.out, threads=args.threads).scaled(args.steps_scale)
+        config = RecipeConfig(output_dir=args.out, threads=args.threads, stage2_init=args.stage2_init)
+        config = config.scaled(args.steps_scale)
+        if args.stage2_steps is not None:
+            if args.stage2_steps < 1:
+                raise ValueError(f"--stage2-steps must be >= 1, got {args.stage2_steps}.")
+            config.stage2_steps = args.stage2_steps
         done = run_recipe(config, only=args.only)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"divico retrain-default: {error}")
         return 2
     for name, path in done.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="leave out invalid records (and report how many) instead of stopping")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                        help="warm start from an earlier run's output folder (same method, encoder and LoRA "
+                        "settings; fresh optimiser and schedule)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if checkpoints exist")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             gradient_accumulation_steps=args.grad_accum, bf16=args.bf16,
             gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, logging_steps=args.logging_steps,
             save_steps=args.save_steps, dataloader_num_workers=args.num_workers, skip_invalid=args.skip_invalid,
-            resume=not args.no_resume, show_progress=not args.no_progress,
+            resume=not args.no_resume, init_from=args.init_from, show_progress=not args.no_progress,
         )
         model, processor = load_model_and_processor(args.model, args.bf16)
         result = train(model, processor, config)

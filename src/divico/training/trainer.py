@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from divico.api import apply_compression, get_runtime, unwrap_model
 from divico.config import CompressionConfig
-from divico.io import save_compressor
+from divico.io import load_compressor, read_saved_config, save_compressor
 from divico.runtime import CompressionRuntime
 from divico.training.data import IGNORE_INDEX, LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 
@@ -98,6 +98,10 @@ class TrainingConfig:
         Leave out invalid records (the run reports how many) instead of stopping at the first one.
     resume
         Resume from the newest checkpoint in ``output_dir/checkpoints`` when there is one.
+    init_from
+        Warm start: the output folder of an earlier :func:`train` run (``config.json``, its trained modules and
+        LoRA adapter) whose weights training starts from, with a fresh optimiser and schedule. It must have been
+        trained with the same method, encoder and LoRA settings. A checkpoint being resumed takes precedence.
     report_to
         ``"auto"`` (TensorBoard when installed, else nothing), ``"none"``, or Trainer integrations by name.
     show_progress
@@ -134,6 +138,7 @@ class TrainingConfig:
     dataloader_num_workers: int = 0
     skip_invalid: bool = False
     resume: bool = True
+    init_from: str | Path | None = None
     report_to: str | list[str] = "auto"
     show_progress: bool = True
 
@@ -164,11 +169,15 @@ class TrainingConfig:
             _require_int("save_total_limit", self.save_total_limit, minimum=1)
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0 (a share of steps if < 1, else a step count), got {self.warmup!r}.")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"init_from={str(self.init_from)!r} is not the output folder of a divico training run (no config.json)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["compression"] = self.compression.to_dict()
-        for key in ("data_path", "output_dir", "image_folder"):
+        for key in ("data_path", "output_dir", "image_folder", "init_from"):
             data[key] = None if data[key] is None else str(data[key])
         return data
 
@@ -289,6 +298,25 @@ def prepare_model_for_training(model: nn.Module, config: TrainingConfig) -> Comp
     if hasattr(base.config, "use_cache"):
         base.config.use_cache = False
     return runtime
+
+
+def warm_start(model: nn.Module, directory: str | Path) -> None:
+    """Copy an earlier run's trained weights (trained modules and LoRA) into a model prepared for training.
+
+    Raises
+    ------
+    ValueError
+        If the run was trained with another method or encoder, or its LoRA adapter has other layers or rank
+        (the messages of :func:`divico.io.load_compressor`).
+    """
+    before = trainable_parameter_names(model)
+    saved = read_saved_config(directory)
+    if not saved.get("lora") and any("lora_" in name for name in before):
+        raise ValueError(f"init_from={str(directory)!r} has no LoRA adapter, but this run trains LoRA layers.")
+    load_compressor(model, directory)
+    if trainable_parameter_names(model) != before:
+        raise ValueError(f"init_from={str(directory)!r} changed which parameters are trained; "
+                         "warm-start from a run with the same method, encoder and LoRA settings.")
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
@@ -551,6 +579,8 @@ def train(
         print(f"divico train: skipped {len(dataset.skipped)} invalid record(s); training on {len(dataset)}.")
     runtime = prepare_model_for_training(model, config)
     base = unwrap_model(model)
+    if config.init_from is not None:
+        warm_start(base, config.init_from)
     trainer = DiViCoTrainer(
         model=base,
         args=build_training_arguments(config),

@@ -61,6 +61,9 @@ class RecipeConfig:
     stage2_steps: int = 300
     stage2_lr: float = 1e-3
     stage2_lora_r: int = 16
+    #: Warm start of stage 2: a trained stage-2 folder (e.g. the shipped ``assets/default/stage2``) whose projector
+    #: and LoRA it continues from (fresh optimiser and schedule), so CPU sessions can add steps to a finished run.
+    stage2_init: Path | None = None
     #: Weight of the visual word loss in stage 2 (every visual token names what it shows; 0: off), and the weight
     #: of background patches within it (objects and signs: 1).
     visual_word_weight: float = 1.0
@@ -86,6 +89,12 @@ class RecipeConfig:
     #: bf16 autocast in every training stage (1.2x faster than float32 on this CPU, benchmarks/training_step_time.py;
     #: trained tensors stay float32).
     bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if self.stage2_init is not None and not (Path(self.stage2_init) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"stage2_init={str(self.stage2_init)!r} is not a trained stage-2 folder (no config.json)."
+            )
 
     def scaled(self, factor: float) -> RecipeConfig:
         if factor <= 0:
@@ -382,7 +391,7 @@ def _stage_steps(directory: Path) -> int:
 def _train_stage(
     model: nn.Module, processor: Any, data: Path, image_folder: Path, out: Path, compression: CompressionConfig,
     steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
-    visual_word_weight: float = 0.0,
+    visual_word_weight: float = 0.0, init_from: Path | None = None, seed: int | None = None,
 ) -> None:
     from divico.training import TrainingConfig, train
 
@@ -390,8 +399,9 @@ def _train_stage(
         data_path=data, image_folder=image_folder, output_dir=out, compression=compression, beta=beta,
         visual_word_weight=visual_word_weight, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1),
         lora_dropout=config.lora_dropout, lora_target_modules=lora_targets,
-        learning_rate=lr, max_steps=steps, per_device_batch_size=config.batch_size, seed=config.seed,
-        logging_steps=5, save_steps=10, save_total_limit=1, warmup=0.05, bf16=config.bf16,
+        learning_rate=lr, max_steps=steps, per_device_batch_size=config.batch_size,
+        seed=config.seed if seed is None else seed,
+        logging_steps=5, save_steps=10, save_total_limit=1, warmup=0.05, bf16=config.bf16, init_from=init_from,
     ))
 
 
@@ -438,7 +448,9 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     done: dict[str, str] = {}
 
     stage1 = out / "stage1"
-    if not _finished(stage1, config.stage1_steps):
+    if config.stage2_init is not None:
+        pass  # stage 2 continues from trained weights: its projector replaces stage 1's.
+    elif not _finished(stage1, config.stage1_steps):
         model, processor = build_default_model(image_size=config.image_size)
         if config.calibrate_projector:
             stats = calibrate_projector(model, _calibration_pixels(processor, data, config.calibration_images))
@@ -449,15 +461,19 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
             (stage1 / "calibration.json").write_text(json.dumps(stats, indent=2))
         _train_stage(model, processor, captions, data, stage1, keep_all, config.stage1_steps, config.stage1_lr,
                      0, config, None, 0.0)
-    done["stage1"] = str(stage1)
+    if config.stage2_init is None:
+        done["stage1"] = str(stage1)
 
     stage2 = out / "stage2"
     if not _finished(stage2, config.stage2_steps):
         model, processor = build_default_model(image_size=config.image_size)
-        load_compressor(model, stage1)
-        remove_compression(model)
+        if config.stage2_init is None:
+            load_compressor(model, stage1)
+            remove_compression(model)
         _train_stage(model, processor, stage2_data, data, stage2, keep_all, config.stage2_steps,
-                     config.stage2_lr, config.stage2_lora_r, config, None, 0.0, config.visual_word_weight)
+                     config.stage2_lr, config.stage2_lora_r, config, None, 0.0, config.visual_word_weight,
+                     # A warm start reshuffles, so it does not replay the batches its init was trained on.
+                     init_from=config.stage2_init, seed=None if config.stage2_init is None else config.seed + 1)
     done["stage2"] = str(stage2)
 
     for name, compression in compressor_runs(config).items():
