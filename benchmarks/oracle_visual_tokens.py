@@ -23,22 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from divico.api import remove_compression
-from divico.config import CompressionConfig
 from divico.data import load_scenes
 from divico.evaluation.runner import answer_records
 from divico.metrics import exact_match_accuracy
-from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
-from divico.training.trainer import TrainingConfig, prepare_model_for_training
+from divico.training.data import LlavaJsonDataset
 from divico.zoo.default_model import build_default_model
 from divico.zoo.recipe import scene_patch_targets, scene_patch_words
+from text_scene_control import add_lora, train_lora_steps
 
 BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
 
@@ -113,13 +109,7 @@ def main() -> None:
     oracle = OracleProjector(model, processor.tokenizer, scenes, args.targets)
     model.model.multi_modal_projector.register_forward_hook(oracle)
     args.out.mkdir(parents=True, exist_ok=True)
-    config = TrainingConfig(data_path=args.data / args.turns_file, output_dir=args.out, lora_r=16, lora_alpha=32,
-                            lora_dropout=0.0, compression=CompressionConfig("deco", keep_ratio=1.0))
-    prepare_model_for_training(model, config)
-    remove_compression(model)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    add_lora(model, args.data / args.turns_file, args.out)
     rows = {b: [json.loads(line) for line in (args.data / b / "test.jsonl").open()][: args.eval_questions]
             for b in BENCHMARKS}
 
@@ -142,29 +132,8 @@ def main() -> None:
     report(0)
     dataset = LlavaJsonDataset(args.data / args.turns_file, processor, image_folder=args.data)
     images = [str(Path(record.image_paths[0]).relative_to(args.data)) for record in dataset.records]
-    collate = LeftPaddingCollator(pad_token_id_of(processor))
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.0)
-    order = list(range(len(dataset)))
-    random.Random(0).shuffle(order)
-    started = time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        indices = [order[(step * 4 + j) % len(order)] for j in range(4)]
-        batch = collate([dataset[i] for i in indices])
-        oracle.use([images[i] for i in indices])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        if step % 5 == 4:
-            print(f"step {step + 1} loss {float(loss.detach()):.3f} "
-                  f"{(time.perf_counter() - started) / (step + 1):.1f} s/step", flush=True)
-        if step + 1 in args.eval_at:
-            report(step + 1)
-    report(args.steps)
-
+    train_lora_steps(model, dataset, processor, args.steps, args.eval_at, report,
+                     before_forward=lambda indices: oracle.use([images[i] for i in indices]))
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ import json
 import random
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,6 +72,52 @@ def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[d
     return exact_match_accuracy(predictions, answers)
 
 
+def add_lora(model: Any, data_path: Path, out: Path) -> None:
+    """LoRA r=16 (alpha 32, no dropout) on every LLM linear layer; only LoRA is trained."""
+    # DeCo at keep 1.0 is the identity: prepare_model_for_training only adds LoRA here.
+    config = TrainingConfig(data_path=data_path, output_dir=out, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                            compression=CompressionConfig("deco", keep_ratio=1.0))
+    prepare_model_for_training(model, config)
+    remove_compression(model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+
+
+def train_lora_steps(
+    model: Any, dataset: LlavaJsonDataset, processor: Any, steps: int, eval_at: list[int],
+    report: Callable[[int], None], before_forward: Callable[[list[int]], None] | None = None,
+) -> None:
+    """The controls' loop: batch 4 in a fixed shuffled order, AdamW lr 1e-3 (constant), bf16 autocast, clip 1.0.
+
+    ``before_forward(indices)`` is called with the batch's dataset indices before each forward; ``report(step)``
+    after each step in ``eval_at`` and after the last.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    collate = LeftPaddingCollator(pad_token_id_of(processor))
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.0)
+    order = list(range(len(dataset)))
+    random.Random(0).shuffle(order)
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        indices = [order[(step * 4 + j) % len(order)] for j in range(4)]
+        batch = collate([dataset[i] for i in indices])
+        if before_forward is not None:
+            before_forward(indices)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        if step % 5 == 4:
+            print(f"step {step + 1} loss {float(loss.detach()):.3f} "
+                  f"{(time.perf_counter() - started) / (step + 1):.1f} s/step", flush=True)
+        if step + 1 in eval_at:
+            report(step + 1)
+    report(steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="a `divico make-data` folder with the multi-turn file")
@@ -91,14 +138,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     train_file = args.out / "text_train.json"
     train_file.write_text(json.dumps(text_conversations(args.data, scenes, args.turns_file)))
-    # DeCo at keep 1.0 is the identity (and no image is fed): prepare_model_for_training only adds LoRA here.
-    config = TrainingConfig(data_path=train_file, output_dir=args.out, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                            compression=CompressionConfig("deco", keep_ratio=1.0))
-    prepare_model_for_training(model, config)
-    remove_compression(model)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_("lora_" in name)
-    parameters = [p for p in model.parameters() if p.requires_grad]
+    add_lora(model, train_file, args.out)
     tokenizer = processor.tokenizer
     rows = {b: [json.loads(line) for line in (args.data / b / "test.jsonl").open()][: args.eval_questions]
             for b in BENCHMARKS}
@@ -110,28 +150,7 @@ def main() -> None:
         model.train()
 
     report(0)
-    dataset = LlavaJsonDataset(train_file, processor)
-    collate = LeftPaddingCollator(pad_token_id_of(processor))
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.0)
-    order = list(range(len(dataset)))
-    random.Random(0).shuffle(order)
-    started = time.perf_counter()
-    model.train()
-    for step in range(args.steps):
-        batch = collate([dataset[order[(step * 4 + j) % len(order)]] for j in range(4)])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch, use_cache=False).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        if step % 5 == 4:
-            print(f"step {step + 1} loss {float(loss.detach()):.3f} "
-                  f"{(time.perf_counter() - started) / (step + 1):.1f} s/step", flush=True)
-        if step + 1 in args.eval_at:
-            report(step + 1)
-    report(args.steps)
-
+    train_lora_steps(model, LlavaJsonDataset(train_file, processor), processor, args.steps, args.eval_at, report)
 
 if __name__ == "__main__":
     main()
