@@ -21,7 +21,6 @@ default model it says how much of the gap the projector's alignment accounts for
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from divico.metrics import exact_match_accuracy
 from divico.training.data import LlavaJsonDataset
 from divico.zoo.default_model import build_default_model
 from divico.zoo.recipe import scene_patch_targets, scene_patch_words
-from text_scene_control import add_lora, train_lora_steps
+from text_scene_control import add_lora, control_parser, parse_control_args, train_lora_steps
 
 BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
 
@@ -89,20 +88,9 @@ class OracleProjector:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="a `divico make-data` folder with the multi-turn file")
-    parser.add_argument("--turns-file", default="llava_train_multiturn8.json")
+    parser = control_parser(__doc__.splitlines()[0], steps=120, out="runs/oracle-visual-tokens")
     parser.add_argument("--targets", choices=("mean", "split"), default="mean")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--eval-at", type=int, nargs="*", default=[],
-                        help="also report after these steps (before and after training always)")
-    parser.add_argument("--eval-questions", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=Path("runs/oracle-visual-tokens"))
-    args = parser.parse_args()
-    if args.steps < 0 or args.eval_questions < 1:
-        parser.error(f"--steps must be >= 0 and --eval-questions >= 1, got {args.steps} and {args.eval_questions}")
-    if any(not 0 < step < args.steps for step in args.eval_at):
-        parser.error(f"--eval-at steps must be in (0, {args.steps}), got {args.eval_at}")
+    args = parse_control_args(parser)
     torch.manual_seed(0)
     model, processor = build_default_model()
     scenes = {**load_scenes(args.data, "train"), **load_scenes(args.data, "test")}

@@ -72,6 +72,28 @@ def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[d
     return exact_match_accuracy(predictions, answers)
 
 
+def control_parser(description: str, steps: int, out: str) -> argparse.ArgumentParser:
+    """The controls' shared options: data, turns file, steps, evaluation points and size, output folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data", type=Path, required=True, help="a `divico make-data` folder with the multi-turn file")
+    parser.add_argument("--turns-file", default="llava_train_multiturn8.json")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--eval-at", type=int, nargs="*", default=[],
+                        help="also report after these steps (before and after training always)")
+    parser.add_argument("--eval-questions", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
+def parse_control_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.steps < 0 or args.eval_questions < 1:
+        parser.error(f"--steps must be >= 0 and --eval-questions >= 1, got {args.steps} and {args.eval_questions}")
+    if any(not 0 < step < args.steps for step in args.eval_at):
+        parser.error(f"--eval-at steps must be in (0, {args.steps}), got {args.eval_at}")
+    return args
+
+
 def add_lora(model: Any, data_path: Path, out: Path) -> None:
     """LoRA r=16 (alpha 32, no dropout) on every LLM linear layer; only LoRA is trained."""
     # DeCo at keep 1.0 is the identity: prepare_model_for_training only adds LoRA here.
@@ -119,19 +141,8 @@ def train_lora_steps(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="a `divico make-data` folder with the multi-turn file")
-    parser.add_argument("--turns-file", default="llava_train_multiturn8.json")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--eval-at", type=int, nargs="*", default=[],
-                        help="also report after these steps (before and after training always)")
-    parser.add_argument("--eval-questions", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=Path("runs/text-scene-control"))
-    args = parser.parse_args()
-    if args.steps < 0 or args.eval_questions < 1:
-        parser.error(f"--steps must be >= 0 and --eval-questions >= 1, got {args.steps} and {args.eval_questions}")
-    if any(not 0 < step < args.steps for step in args.eval_at):
-        parser.error(f"--eval-at steps must be in (0, {args.steps}), got {args.eval_at}")
+    parser = control_parser(__doc__.splitlines()[0], steps=40, out="runs/text-scene-control")
+    args = parse_control_args(parser)
     torch.manual_seed(0)
     model, processor = build_default_model()
     scenes = {**load_scenes(args.data, "train"), **load_scenes(args.data, "test")}
