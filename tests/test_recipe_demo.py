@@ -281,3 +281,16 @@ def test_retrain_default_refuses_bad_stage2_options_before_training(tmp_path, ca
     assert main(["retrain-default", "--out", str(tmp_path / "r"), "--stage2-init", str(tmp_path / "nowhere")]) == 2
     assert "stage2_init='" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+
+
+def test_chained_warm_starts_each_get_a_new_data_order(tmp_path):
+    from divico.zoo.recipe import _warm_start_seed
+
+    assert _warm_start_seed(RecipeConfig(seed=0)) is None  # from scratch: the recipe's own seed
+    init = tmp_path / "stage2"
+    init.mkdir()
+    (init / "config.json").write_text("{}")
+    (init / "training_config.json").write_text(json.dumps({"seed": 0}))
+    assert _warm_start_seed(RecipeConfig(seed=0, stage2_init=init)) == 1
+    (init / "training_config.json").write_text(json.dumps({"seed": 1}))  # the init was itself a warm start
+    assert _warm_start_seed(RecipeConfig(seed=0, stage2_init=init)) == 2

@@ -62,7 +62,8 @@ class RecipeConfig:
     stage2_lr: float = 1e-3
     stage2_lora_r: int = 16
     #: Warm start of stage 2: a trained stage-2 folder (e.g. the shipped ``assets/default/stage2``) whose projector
-    #: and LoRA it continues from (fresh optimiser and schedule), so CPU sessions can add steps to a finished run.
+    #: and LoRA it continues from (fresh optimiser and schedule, the init's seed + 1 for a new data order), so CPU
+    #: sessions can add steps to a finished run.
     stage2_init: Path | None = None
     #: Weight of the visual word loss in stage 2 (every visual token names what it shows; 0: off), and the weight
     #: of background patches within it (objects and signs: 1).
@@ -384,6 +385,16 @@ def _finished(directory: Path, steps: int | None = None, base: dict[str, Any] | 
     return False
 
 
+def _warm_start_seed(config: RecipeConfig) -> int | None:
+    """Stage 2's seed: the recipe's, or for a warm start its init's seed + 1, so that a chain of warm starts
+    never replays the batch order of the run it continues."""
+    if config.stage2_init is None:
+        return None
+    recorded = Path(config.stage2_init) / "training_config.json"
+    previous = json.loads(recorded.read_text()).get("seed", config.seed) if recorded.is_file() else config.seed
+    return int(previous) + 1
+
+
 def _stage_steps(directory: Path) -> int:
     return int(json.loads((directory / "training_config.json").read_text())["max_steps"])
 
@@ -472,8 +483,7 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
             remove_compression(model)
         _train_stage(model, processor, stage2_data, data, stage2, keep_all, config.stage2_steps,
                      config.stage2_lr, config.stage2_lora_r, config, None, 0.0, config.visual_word_weight,
-                     # A warm start reshuffles, so it does not replay the batches its init was trained on.
-                     init_from=config.stage2_init, seed=None if config.stage2_init is None else config.seed + 1)
+                     init_from=config.stage2_init, seed=_warm_start_seed(config))
     done["stage2"] = str(stage2)
 
     for name, compression in compressor_runs(config).items():
