@@ -21,22 +21,17 @@ default model it says how much of the gap the projector's alignment accounts for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from divico.data import load_scenes
-from divico.evaluation.runner import answer_records
-from divico.metrics import exact_match_accuracy
 from divico.training.data import LlavaJsonDataset
 from divico.zoo.default_model import build_default_model
 from divico.zoo.recipe import scene_patch_targets, scene_patch_words
+from quick_exact_match import exact_match_scores, first_test_records
 from text_scene_control import add_lora, control_parser, parse_control_args, train_lora_steps
-
-BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
-
 
 def split_word_targets(model: Any, tokenizer: Any, scene: Any, grid: int) -> torch.Tensor:
     """One word embedding per patch (see the module docstring), shape (grid * grid, D)."""
@@ -98,22 +93,12 @@ def main() -> None:
     model.model.multi_modal_projector.register_forward_hook(oracle)
     args.out.mkdir(parents=True, exist_ok=True)
     add_lora(model, args.data / args.turns_file, args.out)
-    rows = {b: [json.loads(line) for line in (args.data / b / "test.jsonl").open()][: args.eval_questions]
-            for b in BENCHMARKS}
+    rows = first_test_records(args.data, args.eval_questions)
 
     def report(step: int) -> None:
         model.eval()
-        scores = {}
-        for benchmark in BENCHMARKS:
-            predictions: list[str] = []
-            for start in range(0, len(rows[benchmark]), 16):
-                chunk = rows[benchmark][start:start + 16]
-                oracle.use([row["image"] for row in chunk])
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    predictions += answer_records(model, processor, chunk, args.data, batch_size=16,
-                                                  max_new_tokens=6, show_progress=False)
-            answers = [str(row.get("answer") or row["answers"][0]) for row in rows[benchmark]]
-            scores[benchmark] = round(exact_match_accuracy(predictions, answers), 1)
+        scores = exact_match_scores(model, processor, args.data, rows,
+                                    before_batch=lambda chunk: oracle.use([row["image"] for row in chunk]))
         print(f"after {step} steps: exact match % {scores}", flush=True)
         model.train()
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,6 +23,39 @@ from divico.metrics import exact_match_accuracy
 from divico.zoo.recipe import ASSETS_DIR, load_base
 
 BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
+
+
+def first_test_records(data: Path, questions: int) -> dict[str, list[dict[str, Any]]]:
+    """The first ``questions`` test records of each of :data:`BENCHMARKS`."""
+    return {b: [json.loads(line) for line in (data / b / "test.jsonl").open()][:questions] for b in BENCHMARKS}
+
+
+def exact_match_percent(predictions: list[str], rows: list[dict[str, Any]]) -> float:
+    """Exact match against each record's answer (VQA-style records: their first answer), rounded to 0.1."""
+    answers = [str(row.get("answer") or row["answers"][0]) for row in rows]
+    return round(exact_match_accuracy(predictions, answers), 1)
+
+
+def exact_match_scores(
+    model: Any, processor: Any, data: Path, rows: dict[str, list[dict[str, Any]]],
+    before_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> dict[str, float]:
+    """Greedy image-fed answers (batches of 16, bf16 autocast, <= 6 new tokens) scored per benchmark.
+
+    ``before_batch(records)`` is called before each batch is answered.
+    """
+    scores = {}
+    for benchmark, records in rows.items():
+        predictions: list[str] = []
+        for start in range(0, len(records), 16):
+            chunk = records[start:start + 16]
+            if before_batch is not None:
+                before_batch(chunk)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                predictions += answer_records(model, processor, chunk, data, batch_size=16, max_new_tokens=6,
+                                              show_progress=False)
+        scores[benchmark] = exact_match_percent(predictions, records)
+    return scores
 
 
 def main() -> None:
@@ -33,14 +68,7 @@ def main() -> None:
         parser.error(f"--questions must be >= 1, got {args.questions}")
     stage = args.stage / "stage2" if (args.stage / "stage2" / "config.json").is_file() else args.stage
     model, processor = load_base(stage)
-    scores = {}
-    for benchmark in BENCHMARKS:
-        rows = [json.loads(line) for line in (args.data / benchmark / "test.jsonl").open()][: args.questions]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            predictions = answer_records(model, processor, rows, args.data, batch_size=16, max_new_tokens=6,
-                                         show_progress=False)
-        answers = [str(row.get("answer") or row["answers"][0]) for row in rows]
-        scores[benchmark] = round(exact_match_accuracy(predictions, answers), 1)
+    scores = exact_match_scores(model, processor, args.data, first_test_records(args.data, args.questions))
     print(f"{stage}: exact match % {scores}")
 
 

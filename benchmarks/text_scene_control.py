@@ -17,8 +17,8 @@ import argparse
 import json
 import random
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +27,10 @@ from divico.api import remove_compression
 from divico.config import CompressionConfig
 from divico.data import load_scenes
 from divico.data.benchmarks import build_prompt
-from divico.metrics import exact_match_accuracy
 from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 from divico.training.trainer import TrainingConfig, prepare_model_for_training
 from divico.zoo.default_model import build_default_model
-
-BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
-
+from quick_exact_match import exact_match_percent, first_test_records
 
 def text_conversations(data: Path, scenes: dict[str, Any], turns_file: str) -> list[dict[str, Any]]:
     """The multi-turn training file with ``<image>`` replaced by the scene caption and caption turns dropped."""
@@ -59,7 +56,7 @@ def scene_text(scenes: dict[str, Any], image: str) -> str:
 
 
 def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[dict[str, Any]]) -> float:
-    predictions, answers = [], []
+    predictions = []
     with torch.no_grad():
         for row in rows:
             content = [{"type": "text", "text": scene_text(scenes, row["image"]) + "\n" + build_prompt(row)}]
@@ -68,8 +65,7 @@ def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[d
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             predictions.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-            answers.append(str(row.get("answer") or row["answers"][0]))
-    return exact_match_accuracy(predictions, answers)
+    return exact_match_percent(predictions, rows)
 
 
 def control_parser(description: str, steps: int, out: str) -> argparse.ArgumentParser:
@@ -151,12 +147,11 @@ def main() -> None:
     train_file.write_text(json.dumps(text_conversations(args.data, scenes, args.turns_file)))
     add_lora(model, train_file, args.out)
     tokenizer = processor.tokenizer
-    rows = {b: [json.loads(line) for line in (args.data / b / "test.jsonl").open()][: args.eval_questions]
-            for b in BENCHMARKS}
+    rows = first_test_records(args.data, args.eval_questions)
 
     def report(step: int) -> None:
         model.eval()
-        scores = {b: round(exact_match(model, tokenizer, scenes, rows[b]), 1) for b in BENCHMARKS}
+        scores = {b: exact_match(model, tokenizer, scenes, records) for b, records in rows.items()}
         print(f"after {step} steps: exact match % {scores}", flush=True)
         model.train()
 

@@ -416,6 +416,24 @@ def _train_stage(
     ))
 
 
+def _run_stage1(config: RecipeConfig, data: Path, captions: Path, stage1: Path, keep_all: CompressionConfig) -> None:
+    """Projector calibration, pre-alignment and caption training, unless already finished."""
+    from divico.zoo.default_model import build_default_model
+
+    if _finished(stage1, config.stage1_steps):
+        return
+    model, processor = build_default_model(image_size=config.image_size)
+    if config.calibrate_projector:
+        stats = calibrate_projector(model, _calibration_pixels(processor, data, config.calibration_images))
+        if config.alignment_steps:
+            stats.update(align_projector(model, processor, data, images=config.alignment_images,
+                                         steps=config.alignment_steps, seed=config.seed))
+        stage1.mkdir(parents=True, exist_ok=True)
+        (stage1 / "calibration.json").write_text(json.dumps(stats, indent=2))
+    _train_stage(model, processor, captions, data, stage1, keep_all, config.stage1_steps, config.stage1_lr,
+                 0, config, None, 0.0)
+
+
 def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str, str]:
     """Run (or resume) every stage; returns stage name -> output folder.
 
@@ -459,20 +477,9 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     done: dict[str, str] = {}
 
     stage1 = out / "stage1"
-    if config.stage2_init is not None:
-        pass  # stage 2 continues from trained weights: its projector replaces stage 1's.
-    elif not _finished(stage1, config.stage1_steps):
-        model, processor = build_default_model(image_size=config.image_size)
-        if config.calibrate_projector:
-            stats = calibrate_projector(model, _calibration_pixels(processor, data, config.calibration_images))
-            if config.alignment_steps:
-                stats.update(align_projector(model, processor, data, images=config.alignment_images,
-                                             steps=config.alignment_steps, seed=config.seed))
-            stage1.mkdir(parents=True, exist_ok=True)
-            (stage1 / "calibration.json").write_text(json.dumps(stats, indent=2))
-        _train_stage(model, processor, captions, data, stage1, keep_all, config.stage1_steps, config.stage1_lr,
-                     0, config, None, 0.0)
+    # A warm-started stage 2 takes its projector from its init, so it needs no stage 1.
     if config.stage2_init is None:
+        _run_stage1(config, data, captions, stage1, keep_all)
         done["stage1"] = str(stage1)
 
     stage2 = out / "stage2"
