@@ -398,3 +398,40 @@ def test_multiturn_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
         write_multiturn_training(root, turns=0)
     with pytest.raises(ValueError, match=r"caption_share must be in \[0, 1\], got 1.5"):
         write_multiturn_training(root, caption_share=1.5)
+
+
+def test_multiturn_choice_orders_repeat_each_question_behind_other_letters(
+    small_dirs: tuple[Path, Path, Path],
+) -> None:
+    root = small_dirs[0]
+    once = json.loads(write_multiturn_training(root, seed=0, turns=6, caption_share=0.0).read_bytes())
+    path = write_multiturn_training(root, seed=0, turns=6, caption_share=0.0, choice_orders=3)
+    assert path.name == "llava_train_multiturn6_orders3.json"
+    scenes = load_scenes(root, "train")
+    reordered = json.loads(path.read_bytes())
+    assert len(reordered) == len(once)
+    checked = 0
+    for item in reordered:
+        prompts = [t["value"].removeprefix("<image>\n") for t in item["conversations"][::2]]
+        answers = [t["value"] for t in item["conversations"][1::2]]
+        by_question: dict[str, list[tuple[list[str], str]]] = {}
+        for prompt, answer in zip(prompts, answers):
+            # Every answer, re-ordered or not, is the letter of the ground-truth option.
+            assert answer == _expected_turn_answer(scenes[item["image"]], prompt), prompt
+            if prompt.endswith(OPTION_HINT):
+                question, *option_lines = prompt.removesuffix("\n" + OPTION_HINT).split("\n")
+                by_question.setdefault(question, []).append(([line[3:] for line in option_lines], answer))
+        single = [t for t in prompts if not t.endswith(OPTION_HINT)]
+        assert len(single) + len(by_question) == 6
+        for asked in by_question.values():
+            assert len(asked) == 3
+            first = asked[0][0]
+            shifts = {tuple(first[s:] + first[:s]) for s in range(4)}
+            correct = {options["ABCD".index(letter)] for options, letter in asked}
+            assert len(correct) == 1  # the same content behind every letter
+            assert all(tuple(options) not in shifts for options, _ in asked[1:])
+            assert sorted(asked[0][0]) == sorted(asked[1][0]) == sorted(asked[2][0])
+            checked += 1
+    assert checked
+    with pytest.raises(ValueError, match=r"choice_orders must be an int in \[1, 21\], got 22"):
+        write_multiturn_training(root, choice_orders=22)

@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "stage 1 is skipped), for --stage2-steps more steps")
     parser.add_argument("--stage2-steps", type=int, default=None,
                         help="stage-2 steps (default: the recipe's, times --steps-scale)")
+    parser.add_argument("--choice-orders", type=int, default=None,
+                        help="option orders in which stage 2 asks each multiple-choice question (default 1; "
+                        "more teach reading the options for the letter)")
     parser.add_argument("--only", nargs="*", default=None, help="stage-3 runs to train (default: all)")
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")
@@ -38,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
             if args.stage2_steps < 1:
                 raise ValueError(f"--stage2-steps must be >= 1, got {args.stage2_steps}.")
             config.stage2_steps = args.stage2_steps
+        if args.choice_orders is not None:
+            if not 1 <= args.choice_orders <= 21:
+                raise ValueError(f"--choice-orders must be in [1, 21], got {args.choice_orders}.")
+            config.multiturn_choice_orders = args.choice_orders
         done = run_recipe(config, only=args.only)
     except (ValueError, FileNotFoundError) as error:
         print(f"divico retrain-default: {error}")

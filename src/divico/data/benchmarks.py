@@ -74,6 +74,7 @@ __all__ = [
     "load_scenes",
     "load_llava_conversations",
     "multiturn_conversation",
+    "multiturn_file_name",
     "write_multiturn_training",
 ]
 
@@ -516,14 +517,17 @@ _MULTITURN_CALLS: dict[str, int] = {"textvqa": 3, "pope": 1, "mme": len(MME_SUBT
 
 def multiturn_conversation(
     scene: Scene, image_path: str, rng: random.Random, turns: int = 8, caption_share: float = 0.25,
-    conversation_id: str = "multiturn",
+    conversation_id: str = "multiturn", choice_orders: int = 1,
 ) -> dict[str, Any]:
     """One LLaVA conversation asking ``turns`` questions of every benchmark style about one image.
 
     Questions are pooled from every benchmark's question maker, de-duplicated, and taken round-robin
     over the benchmarks in random order, so each style appears once before any appears twice (the
     image's visual tokens are paid for once and supervise many answers). With probability
-    ``caption_share`` the description of the image is asked first.
+    ``caption_share`` the description of the image is asked first. With ``choice_orders > 1`` every
+    multiple-choice question is asked again, later in the conversation, with its options in
+    ``choice_orders - 1`` other random orders (extra turns): the same content behind different letters,
+    so the letter can only be learned by reading the options.
 
     Parameters
     ----------
@@ -539,6 +543,8 @@ def multiturn_conversation(
         Probability in [0, 1] of a leading "Describe the image." turn.
     conversation_id : str
         The ``id`` of the conversation.
+    choice_orders : int
+        Option orders (1 to 21) in which each multiple-choice question is asked; 1: once.
 
     Returns
     -------
@@ -549,6 +555,9 @@ def multiturn_conversation(
         raise ValueError(f"turns must be an int >= 1, got {turns!r}")
     if not 0.0 <= caption_share <= 1.0:
         raise ValueError(f"caption_share must be in [0, 1], got {caption_share!r}")
+    if not isinstance(choice_orders, int) or isinstance(choice_orders, bool) or not 1 <= choice_orders <= 21:
+        # 24 orders of 4 options, less the 3 cyclic shifts of the original that are never used.
+        raise ValueError(f"choice_orders must be an int in [1, 21], got {choice_orders!r}")
     pools: dict[str, list[dict[str, Any]]] = {}
     seen: set[str] = set()
     for set_name in BENCHMARKS:
@@ -570,6 +579,8 @@ def multiturn_conversation(
         for set_name in order:
             if pools[set_name] and len(chosen) < turns:
                 chosen.append(pools[set_name].pop())
+    if choice_orders > 1:
+        chosen = _with_reordered_choices(chosen, choice_orders, rng)
     if rng.random() < caption_share:
         chosen.insert(0, {"benchmark": "caption", "question": CAPTION_PROMPT, "answer": scene.describe()})
     conversations: list[dict[str, str]] = []
@@ -580,10 +591,40 @@ def multiturn_conversation(
     return {"id": conversation_id, "image": image_path, "conversations": conversations}
 
 
+def _with_reordered_choices(
+    chosen: list[dict[str, Any]], orders: int, rng: random.Random,
+) -> list[dict[str, Any]]:
+    """``chosen`` plus ``orders - 1`` re-ordered copies of each multiple-choice question, each inserted at a
+    random place after its original (never a cyclic shift of it, so "next letter" is no shortcut)."""
+    result = list(chosen)
+    for record in chosen:
+        if "options" not in record:
+            continue
+        correct = record["options"][_OPTION_LETTERS.index(record["answer"])]
+        original = record["options"]
+        seen = {tuple(original[shift:] + original[:shift]) for shift in range(len(original))}
+        for _ in range(orders - 1):
+            options = list(record["options"])
+            while tuple(options) in seen:
+                rng.shuffle(options)
+            seen.add(tuple(options))
+            copy = {**record, "options": options, "answer": _OPTION_LETTERS[options.index(correct)]}
+            after = result.index(record)
+            result.insert(rng.randint(after + 1, len(result)), copy)
+    return result
+
+
+def multiturn_file_name(turns: int, choice_orders: int = 1, split: str = "train") -> str:
+    """File name of a multi-turn training file (``llava_train_multiturn8.json``; ``..._orders3`` when re-ordered)."""
+    suffix = f"_orders{choice_orders}" if choice_orders > 1 else ""
+    return f"llava_{split}_multiturn{turns}{suffix}.json"
+
+
 def write_multiturn_training(
     data_dir: str | Path, seed: int = 0, turns: int = 8, caption_share: float = 0.25, split: str = "train",
+    choice_orders: int = 1,
 ) -> Path:
-    """Write ``llava_<split>_multiturn<turns>.json``: one multi-turn conversation per image of ``split``.
+    """Write :func:`multiturn_file_name`: one multi-turn conversation per image of ``split``.
 
     Uses the scenes already rendered by :func:`write_benchmark_splits` (``scenes/<split>.jsonl``), so
     no image is drawn twice and held-out test images are never touched.
@@ -602,9 +643,9 @@ def write_multiturn_training(
         rng = random.Random(f"multiturn-{seed}-{split}-{row['image']}")
         conversations.append(multiturn_conversation(
             Scene.from_dict(row["scene"]), row["image"], rng, turns=turns, caption_share=caption_share,
-            conversation_id=f"multiturn-{split}-{index:05d}"))
+            conversation_id=f"multiturn-{split}-{index:05d}", choice_orders=choice_orders))
     random.Random(f"multiturn-order-{seed}-{split}").shuffle(conversations)
-    path = root / f"llava_{split}_multiturn{turns}.json"
+    path = root / multiturn_file_name(turns, choice_orders, split)
     _write_json(path, conversations)
     return path
 

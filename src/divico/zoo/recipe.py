@@ -71,6 +71,9 @@ class RecipeConfig:
     visual_word_background_weight: float = 0.2
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
+    #: Option orders in which stage 2 asks each multiple-choice question of a conversation (1: once); more orders
+    #: show the same content behind different letters (:func:`divico.data.multiturn_conversation`).
+    multiturn_choice_orders: int = 1
     #: Standardise the vision features and match text-embedding norms in the projector before stage 1.
     calibrate_projector: bool = True
     calibration_images: int = 64
@@ -444,7 +447,12 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     only
         Stage-3 run names to train (default: all of :func:`compressor_runs`).
     """
-    from divico.data import benchmark_data_current, write_benchmark_splits, write_multiturn_training
+    from divico.data import (
+        benchmark_data_current,
+        multiturn_file_name,
+        write_benchmark_splits,
+        write_multiturn_training,
+    )
     from divico.zoo.default_model import build_default_model
 
     if config.threads:
@@ -461,9 +469,10 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         captions.write_text(json.dumps([c for c in conversations if str(c["id"]).startswith("caption")]))
     stage2_data = data / "llava_train.json"
     if config.multiturn_turns:
-        stage2_data = data / f"llava_train_multiturn{config.multiturn_turns}.json"
+        stage2_data = data / multiturn_file_name(config.multiturn_turns, config.multiturn_choice_orders)
         if not stage2_data.is_file():
-            write_multiturn_training(data, seed=config.seed, turns=config.multiturn_turns)
+            write_multiturn_training(data, seed=config.seed, turns=config.multiturn_turns,
+                                     choice_orders=config.multiturn_choice_orders)
     if config.visual_word_weight:
         from divico.zoo.default_model import num_visual_tokens
 
