@@ -25,9 +25,12 @@ from divico.zoo.recipe import ASSETS_DIR, load_base
 BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
 
 
-def first_test_records(data: Path, questions: int) -> dict[str, list[dict[str, Any]]]:
-    """The first ``questions`` test records of each of :data:`BENCHMARKS`."""
-    return {b: [json.loads(line) for line in (data / b / "test.jsonl").open()][:questions] for b in BENCHMARKS}
+def first_test_records(
+    data: Path, questions: int, benchmarks: tuple[str, ...] = BENCHMARKS,
+) -> dict[str, list[dict[str, Any]]]:
+    """The first ``questions`` test records of each of ``benchmarks`` (MMBench: records = question x option order,
+    scored by exact match of the letter)."""
+    return {b: [json.loads(line) for line in (data / b / "test.jsonl").open()][:questions] for b in benchmarks}
 
 
 def exact_match_percent(predictions: list[str], rows: list[dict[str, Any]]) -> float:

@@ -30,7 +30,7 @@ from divico.data.benchmarks import build_prompt
 from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 from divico.training.trainer import TrainingConfig, prepare_model_for_training
 from divico.zoo.default_model import build_default_model
-from quick_exact_match import exact_match_percent, first_test_records
+from quick_exact_match import BENCHMARKS, exact_match_percent, first_test_records
 
 def text_conversations(data: Path, scenes: dict[str, Any], turns_file: str) -> list[dict[str, Any]]:
     """The multi-turn training file with ``<image>`` replaced by the scene caption and caption turns dropped."""
@@ -78,6 +78,8 @@ def control_parser(description: str, steps: int, out: str) -> argparse.ArgumentP
                         help="also report after these steps (before and after training always)")
     parser.add_argument("--eval-questions", type=int, default=48)
     parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--mmbench", action="store_true",
+                        help="also score MMBench records (question x option order) by exact match of the letter")
     return parser
 
 
@@ -147,7 +149,7 @@ def main() -> None:
     train_file.write_text(json.dumps(text_conversations(args.data, scenes, args.turns_file)))
     add_lora(model, train_file, args.out)
     tokenizer = processor.tokenizer
-    rows = first_test_records(args.data, args.eval_questions)
+    rows = first_test_records(args.data, args.eval_questions, (*BENCHMARKS, "mmbench") if args.mmbench else BENCHMARKS)
 
     def report(step: int) -> None:
         model.eval()
