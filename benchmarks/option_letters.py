@@ -13,8 +13,7 @@ content? Greedy decoding, bf16 autocast, at most 4 new tokens; about a minute on
 from __future__ import annotations
 
 import argparse
-import json
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +22,10 @@ import torch
 from divico.data import load_scenes
 from divico.data.benchmarks import build_prompt
 from divico.evaluation.runner import answer_records
-from divico.metrics import extract_option_letter
+from divico.metrics import extract_option_letter, mmbench_circular_accuracy
 from divico.zoo.default_model import build_default_model
 from divico.zoo.recipe import ASSETS_DIR, load_base
+from quick_exact_match import first_test_records, resolve_stage
 
 
 def text_scene_answers(records: list[dict[str, Any]], data: Path) -> list[str]:
@@ -52,37 +52,35 @@ def main() -> None:
     parser.add_argument("--rotations", type=int, default=160, help="test records (question x option order)")
     parser.add_argument("--text-scene", action="store_true", help="the bare LLM, told the scene as text")
     args = parser.parse_args()
-    if args.rotations < 4:
-        raise SystemExit(f"--rotations must be >= 4 (one circular group), got {args.rotations}")
-    records = [json.loads(line) for line in (args.data / "mmbench" / "test.jsonl").open()][:args.rotations]
+    if args.rotations < 4 or args.rotations % 4:
+        parser.error(f"--rotations must be a positive multiple of 4 (whole circular groups), got {args.rotations}")
+    records = first_test_records(args.data, args.rotations, ("mmbench",))["mmbench"]
     if args.text_scene:
         answers = text_scene_answers(records, args.data)
         source = "SmolLM2 alone, scene as text"
     else:
-        stage = args.stage / "stage2" if (args.stage / "stage2").is_dir() else args.stage
+        stage = resolve_stage(args.stage)
         model, processor = load_base(stage)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             answers = answer_records(model, processor, records, args.data, batch_size=16, max_new_tokens=4,
                                      show_progress=False)
         source = str(stage)
-    right: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    groups: dict[str, list[bool]] = defaultdict(list)
+    right: Counter[str] = Counter()
+    asked: Counter[str] = Counter()
     letters: Counter[str] = Counter()
     for record, answer in zip(records, answers):
         letter = extract_option_letter(answer, record["options"])
         letters[letter or "?"] += 1
-        correct = letter == record["answer"]
-        right[record["category"]][0] += correct
-        right[record["category"]][1] += 1
-        groups[record["circular_group"]].append(correct)
-    total = sum(r[0] for r in right.values())
-    complete = [g for g in groups.values() if len(g) == 4]
+        right[record["category"]] += letter == record["answer"]
+        asked[record["category"]] += 1
+    circular = mmbench_circular_accuracy(answers, [r["answer"] for r in records], [r["options"] for r in records],
+                                         [r["circular_group"] for r in records], [r["rotation"] for r in records])
+    correct = round(circular["score"] * circular["n_questions"] / 100)
     print(f"{source}: {len(records)} MMBench test records")
-    print("per category (right/asked): " + ", ".join(f"{c} {r[0]}/{r[1]}" for c, r in sorted(right.items())))
-    print(f"single-question accuracy {100 * total / len(records):.1f}% (chance 25%)")
+    print("per category (right/asked): " + ", ".join(f"{c} {right[c]}/{asked[c]}" for c in sorted(asked)))
+    print(f"single-question accuracy {circular['per_question_accuracy']:.1f}% (chance 25%)")
     print("answer letters: " + ", ".join(f"{k} {v}" for k, v in sorted(letters.items())))
-    print(f"circular: {sum(all(g) for g in complete)}/{len(complete)} groups")
-
+    print(f"circular: {correct}/{circular['n_questions']} groups")
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,11 @@ def first_test_records(
     return {b: [json.loads(line) for line in (data / b / "test.jsonl").open()][:questions] for b in benchmarks}
 
 
+def resolve_stage(path: Path) -> Path:
+    """A trained stage-2 folder: ``path`` itself, or its ``stage2/`` when ``path`` is an assets folder."""
+    return path / "stage2" if (path / "stage2" / "config.json").is_file() else path
+
+
 def exact_match_percent(predictions: list[str], rows: list[dict[str, Any]]) -> float:
     """Exact match against each record's answer (VQA-style records: their first answer), rounded to 0.1."""
     answers = [str(row.get("answer") or row["answers"][0]) for row in rows]
@@ -69,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.questions < 1:
         parser.error(f"--questions must be >= 1, got {args.questions}")
-    stage = args.stage / "stage2" if (args.stage / "stage2" / "config.json").is_file() else args.stage
+    stage = resolve_stage(args.stage)
     model, processor = load_base(stage)
     scores = exact_match_scores(model, processor, args.data, first_test_records(args.data, args.questions))
     print(f"{stage}: exact match % {scores}")

@@ -32,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from divico.data.benchmarks import MAX_CHOICE_ORDERS
     from divico.zoo.recipe import RecipeConfig, export_assets, run_recipe
 
     try:
@@ -42,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--stage2-steps must be >= 1, got {args.stage2_steps}.")
             config.stage2_steps = args.stage2_steps
         if args.choice_orders is not None:
-            if not 1 <= args.choice_orders <= 21:
-                raise ValueError(f"--choice-orders must be in [1, 21], got {args.choice_orders}.")
+            if not 1 <= args.choice_orders <= MAX_CHOICE_ORDERS:
+                raise ValueError(f"--choice-orders must be in [1, {MAX_CHOICE_ORDERS}], got {args.choice_orders}.")
             config.multiturn_choice_orders = args.choice_orders
         done = run_recipe(config, only=args.only)
     except (ValueError, FileNotFoundError) as error:

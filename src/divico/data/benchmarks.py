@@ -67,6 +67,7 @@ __all__ = [
     "CAPTION_PROMPT",
     "MME_SUBTASKS",
     "MMBENCH_CATEGORIES",
+    "MAX_CHOICE_ORDERS",
     "build_prompt",
     "training_target",
     "write_benchmark_splits",
@@ -88,6 +89,9 @@ MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color", "ocr
 MMBENCH_CATEGORIES: tuple[str, ...] = ("color", "count", "position", "ocr", "shape")
 POPE_SPLIT_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
 _OPTION_LETTERS = "ABCD"
+#: Most option orders a multiple-choice question can be asked in: the 24 orders of 4 options, less the 3 cyclic
+#: shifts of the original that re-asking never uses.
+MAX_CHOICE_ORDERS = 21
 
 # Number of IMAGES per split and set (records per image: see the module docstring). The defaults
 # give ~4,100 training conversations and ~200 test questions per benchmark (MMBench: 100
@@ -544,7 +548,7 @@ def multiturn_conversation(
     conversation_id : str
         The ``id`` of the conversation.
     choice_orders : int
-        Option orders (1 to 21) in which each multiple-choice question is asked; 1: once.
+        Option orders (1 to :data:`MAX_CHOICE_ORDERS`) in which each multiple-choice question is asked; 1: once.
 
     Returns
     -------
@@ -555,9 +559,9 @@ def multiturn_conversation(
         raise ValueError(f"turns must be an int >= 1, got {turns!r}")
     if not 0.0 <= caption_share <= 1.0:
         raise ValueError(f"caption_share must be in [0, 1], got {caption_share!r}")
-    if not isinstance(choice_orders, int) or isinstance(choice_orders, bool) or not 1 <= choice_orders <= 21:
-        # 24 orders of 4 options, less the 3 cyclic shifts of the original that are never used.
-        raise ValueError(f"choice_orders must be an int in [1, 21], got {choice_orders!r}")
+    if (not isinstance(choice_orders, int) or isinstance(choice_orders, bool)
+            or not 1 <= choice_orders <= MAX_CHOICE_ORDERS):
+        raise ValueError(f"choice_orders must be an int in [1, {MAX_CHOICE_ORDERS}], got {choice_orders!r}")
     pools: dict[str, list[dict[str, Any]]] = {}
     seen: set[str] = set()
     for set_name in BENCHMARKS:
@@ -600,11 +604,11 @@ def _with_reordered_choices(
     for record in chosen:
         if "options" not in record:
             continue
-        correct = record["options"][_OPTION_LETTERS.index(record["answer"])]
         original = record["options"]
+        correct = original[_OPTION_LETTERS.index(record["answer"])]
         seen = {tuple(original[shift:] + original[:shift]) for shift in range(len(original))}
         for _ in range(orders - 1):
-            options = list(record["options"])
+            options = list(original)
             while tuple(options) in seen:
                 rng.shuffle(options)
             seen.add(tuple(options))
