@@ -311,7 +311,9 @@ def test_llava_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
         assert human["value"].startswith("<image>\n") and human["value"].count("<image>") == 1
         assert gpt["value"].strip()
         if item["id"].startswith("mmbench"):
-            assert gpt["value"] in {"A", "B", "C", "D"}
+            # Multiple choice is answered with the text of one of the shown options.
+            option_texts = [line[3:] for line in human["value"].split("\n")[2:-1]]
+            assert len(option_texts) == 4 and gpt["value"] in option_texts
     assert load_llava_conversations(root, "validation")
 
 
@@ -356,9 +358,8 @@ def _expected_turn_answer(scene: Scene, prompt: str) -> str:
     if prompt.endswith(OPTION_HINT):
         question, *options = prompt.removesuffix("\n" + OPTION_HINT).split("\n")
         correct = _expected_mmbench(scene, question)
-        letters = [line[0] for line in options if line[3:] == correct]
-        assert len(letters) == 1, prompt
-        return letters[0]
+        assert [line[3:] for line in options].count(correct) == 1, prompt
+        return correct
     question = prompt.removesuffix("\n" + SHORT_ANSWER_HINT)
     if question.startswith(("Is there", "Are there", "Is the")) and not re.search("left or|above or", question):
         return _expected_yes_no(scene, question)
@@ -416,7 +417,7 @@ def test_multiturn_choice_orders_repeat_each_question_behind_other_letters(
         answers = [t["value"] for t in item["conversations"][1::2]]
         by_question: dict[str, list[tuple[list[str], str]]] = {}
         for prompt, answer in zip(prompts, answers):
-            # Every answer, re-ordered or not, is the letter of the ground-truth option.
+            # Every answer, re-ordered or not, is the text of the ground-truth option.
             assert answer == _expected_turn_answer(scenes[item["image"]], prompt), prompt
             if prompt.endswith(OPTION_HINT):
                 question, *option_lines = prompt.removesuffix("\n" + OPTION_HINT).split("\n")
@@ -427,8 +428,8 @@ def test_multiturn_choice_orders_repeat_each_question_behind_other_letters(
             assert len(asked) == 3
             first = asked[0][0]
             shifts = {tuple(first[s:] + first[:s]) for s in range(4)}
-            correct = {options["ABCD".index(letter)] for options, letter in asked}
-            assert len(correct) == 1  # the same content behind every letter
+            assert all(answer in options for options, answer in asked)
+            assert len({answer for _, answer in asked}) == 1  # the same content behind every letter
             assert all(tuple(options) not in shifts for options, _ in asked[1:])
             assert sorted(asked[0][0]) == sorted(asked[1][0]) == sorted(asked[2][0])
             checked += 1

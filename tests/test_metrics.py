@@ -146,6 +146,15 @@ def test_extract_option_letter(text: str, expected: str | None) -> None:
     assert extract_option_letter(text, ["blue", "red", "green", "yellow"]) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    # Sign texts with letters among digits are option texts, not letters; a bare letter still is one.
+    [("C45", "B"), ("272B4", "D"), ("4MS5C", "A"), ("c45", "B"), ("C", "C"), ("D. 272B4", "D")],
+)
+def test_extract_option_letter_reads_alphanumeric_option_texts(text: str, expected: str) -> None:
+    assert extract_option_letter(text, ["4MS5C", "C45", "BNG", "272B4"]) == expected
+
+
 def test_rotate_options() -> None:
     assert rotate_options(["w", "x", "y", "z"], "C", 1) == (["x", "y", "z", "w"], "B")
     assert rotate_options(["w", "x", "y", "z"], "A", 3) == (["z", "w", "x", "y"], "B")

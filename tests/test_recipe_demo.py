@@ -164,14 +164,16 @@ def test_best_constant_scores_by_hand(tmp_path):
     # POPE: 3 positives, 1 negative in one split type. "yes": P = 3/4, R = 1 -> F1 = 6/7.
     write("pope", [{"id": f"p{i}", "benchmark": "pope", "image": "x.png", "question": "q", "answer": a,
                     "split_type": "random"} for i, a in enumerate(["yes", "yes", "no", "yes"])])
-    rotations = [{"id": f"m-r{k}", "benchmark": "mmbench", "image": "x.png", "question": "q",
-                  "options": ["a", "b", "c", "d"][k:] + ["a", "b", "c", "d"][:k], "answer": "ABCD"[(4 - k) % 4],
-                  "circular_group": "m", "rotation": k} for k in range(4)]
+    # MMBench is answered with option texts: "a" is right in every rotation of m1 and never in m2 (right: "b").
+    rotations = [{"id": f"{group}-r{k}", "benchmark": "mmbench", "image": "x.png", "question": "q",
+                  "options": ["a", "b", "c", "d"][k:] + ["a", "b", "c", "d"][:k],
+                  "answer": "ABCD"[(4 - k + right) % 4], "circular_group": group, "rotation": k}
+                 for group, right in (("m1", 0), ("m2", 1)) for k in range(4)]
     write("mmbench", rotations)
     scores = best_constant_scores(tmp_path, ["gqa", "pope", "mmbench"], limit=None)
     assert scores["gqa"] == {"score": pytest.approx(50.0), "answer": "left"}
     assert scores["pope"]["answer"] == "yes" and scores["pope"]["score"] == pytest.approx(100 * 6 / 7)
-    assert scores["mmbench"]["score"] == 0.0
+    assert scores["mmbench"] == {"score": pytest.approx(50.0), "answer": "a"}
     # A slice of the first two groups: "left" answers both.
     assert best_constant_scores(tmp_path, ["gqa"], limit=2)["gqa"]["score"] == pytest.approx(100.0)
 

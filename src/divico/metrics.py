@@ -431,7 +431,8 @@ def extract_option_letter(text: str, options: Sequence[str] | int) -> str | None
     )
     if stated and stated.group(1).upper() in letters:
         return stated.group(1).upper()
-    standalone = set(re.findall(rf"(?<![A-Za-z'])([{letters}])(?![A-Za-z'])", stripped))
+    # Digits bound a letter too: the "C" of a sign text "C45" is not option C.
+    standalone = set(re.findall(rf"(?<![A-Za-z0-9'])([{letters}])(?![A-Za-z0-9'])", stripped))
     if re.search(r"(?<![A-Za-z])A\s+[a-z]", stripped):
         standalone.discard("A")
     if len(standalone) == 1:

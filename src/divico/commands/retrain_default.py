@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stage-2 steps (default: the recipe's, times --steps-scale)")
     parser.add_argument("--choice-orders", type=int, default=None,
                         help="option orders in which stage 2 asks each multiple-choice question (default 1; "
-                        "more teach reading the options for the letter)")
+                        "more show the same content behind other letters)")
     parser.add_argument("--only", nargs="*", default=None, help="stage-3 runs to train (default: all)")
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")

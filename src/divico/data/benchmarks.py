@@ -83,7 +83,10 @@ BENCHMARKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "gqa")
 TRAINING_SETS: tuple[str, ...] = (*BENCHMARKS, "caption")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
-OPTION_HINT = "Answer with the option's letter from the given choices directly."
+#: The default model answers multiple choice with the option's text (scored by the letter it names, see
+#: :func:`divico.metrics.extract_option_letter`): its 135M LLM did not learn to point at letters, even when told
+#: the scene as text (docs/results.md, "Why MMBench was 0").
+OPTION_HINT = "Answer with the option's text from the given choices directly."
 CAPTION_PROMPT = "Describe the image."
 MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color", "ocr")
 MMBENCH_CATEGORIES: tuple[str, ...] = ("color", "count", "position", "ocr", "shape")
@@ -394,7 +397,8 @@ _QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, int], list[Question]
 def build_prompt(record: Mapping[str, Any]) -> str:
     """The user text to send with the image for one record (no ``<image>`` placeholder).
 
-    Multiple choice gets ``"A. ..."`` option lines and LLaVA-1.5's letter hint; captions get
+    Multiple choice gets ``"A. ..."`` option lines and :data:`OPTION_HINT` (LLaVA-1.5's hint, asking for
+    the option's text instead of its letter); captions get
     ``"Describe the image."``; all other questions get LLaVA-1.5's short-answer hint.
 
     Parameters
@@ -425,9 +429,15 @@ def build_prompt(record: Mapping[str, Any]) -> str:
 
 
 def training_target(record: Mapping[str, Any]) -> str:
-    """The assistant answer used to train on ``record`` (first reference for textvqa)."""
+    """The assistant answer used to train on ``record``.
+
+    The first reference for textvqa; the text of the correct option for multiple choice (see
+    :data:`OPTION_HINT`); the answer otherwise.
+    """
     if "answers" in record:
         return str(record["answers"][0])
+    if "options" in record:
+        return str(record["options"][_OPTION_LETTERS.index(record["answer"])])
     return str(record["answer"])
 
 
@@ -531,7 +541,7 @@ def multiturn_conversation(
     ``caption_share`` the description of the image is asked first. With ``choice_orders > 1`` every
     multiple-choice question is asked again, later in the conversation, with its options in
     ``choice_orders - 1`` other random orders (extra turns): the same content behind different letters,
-    so the letter can only be learned by reading the options.
+    with the same answer (the option's text).
 
     Parameters
     ----------

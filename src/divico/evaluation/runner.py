@@ -160,7 +160,8 @@ def best_constant_scores(
     """The chance reference: the best score any single constant answer gets on each benchmark slice.
 
     Every distinct reference answer of the slice is tried as the answer to all of its questions ("yes" on
-    POPE gives F1 66.7 when positives are half; a fixed letter gives 0 under MMBench circular evaluation).
+    POPE gives F1 66.7 when positives are half; on MMBench, answered by option text, the most frequent correct
+    option text, which circular evaluation credits wherever it is right in every rotation).
 
     Returns
     -------

@@ -73,7 +73,8 @@ class RecipeConfig:
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
     #: Option orders in which stage 2 asks each multiple-choice question of a conversation (1: once); more orders
-    #: show the same content behind different letters (:func:`divico.data.multiturn_conversation`).
+    #: show the same content behind different letters (:func:`divico.data.multiturn_conversation`). Answers are
+    #: option texts (:data:`divico.data.benchmarks.OPTION_HINT`), so this only teaches order invariance.
     multiturn_choice_orders: int = 1
     #: Standardise the vision features and match text-embedding norms in the projector before stage 1.
     calibrate_projector: bool = True
