@@ -284,6 +284,8 @@ def test_retrain_default_refuses_bad_stage2_options_before_training(tmp_path, ca
     assert "stage2_init='" in capsys.readouterr().out
     assert main(["retrain-default", "--out", str(tmp_path / "r"), "--choice-orders", "0"]) == 2
     assert "--choice-orders must be in [1, 21], got 0" in capsys.readouterr().out
+    assert main(["retrain-default", "--out", str(tmp_path / "r"), "--compressor-steps", "0"]) == 2
+    assert "--compressor-steps must be >= 1, got 0" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
 
 

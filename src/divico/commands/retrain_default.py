@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "stage 1 is skipped), for --stage2-steps more steps")
     parser.add_argument("--stage2-steps", type=int, default=None,
                         help="stage-2 steps (default: the recipe's, times --steps-scale)")
+    parser.add_argument("--compressor-steps", type=int, default=None,
+                        help="steps of each stage-3 compressor run (default: the recipe's, times --steps-scale)")
     parser.add_argument("--choice-orders", type=int, default=None,
                         help="option orders in which stage 2 asks each multiple-choice question (default 1; "
                         "more show the same content behind other letters)")
@@ -42,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
             if args.stage2_steps < 1:
                 raise ValueError(f"--stage2-steps must be >= 1, got {args.stage2_steps}.")
             config.stage2_steps = args.stage2_steps
+        if args.compressor_steps is not None:
+            if args.compressor_steps < 1:
+                raise ValueError(f"--compressor-steps must be >= 1, got {args.compressor_steps}.")
+            config.compressor_steps = args.compressor_steps
         if args.choice_orders is not None:
             if not 1 <= args.choice_orders <= MAX_CHOICE_ORDERS:
                 raise ValueError(f"--choice-orders must be in [1, {MAX_CHOICE_ORDERS}], got {args.choice_orders}.")
