@@ -1,13 +1,17 @@
-"""Does the default model map its answer to an option letter? MMBench single-question accuracy per category.
+"""Which option does the default model pick? MMBench single-question accuracy per category.
 
-    python benchmarks/option_letters.py --data DIR [--stage ASSETS_OR_STAGE2_DIR] [--rotations 160] [--text-scene]
+    python benchmarks/option_letters.py --data DIR [--stage ASSETS_OR_STAGE2_DIR] [--rotations 160]
+                                        [--text-scene | --short-answer]
 
 MMBench's circular score counts a question only if all four rotations are right, so a model that answers by
 letter prior (always "A") scores 0 even when it knows the content. This prints, on the first ``--rotations`` test
-records (each a question in one option order): accuracy per category (chance 25%), the distribution of answer
-letters, and the circular score of the complete groups. ``--text-scene`` asks SmolLM2 alone (no LoRA, no image)
-with the scene's ground-truth description in front of the prompt: can the LLM pick a letter when it is *told* the
-content? Greedy decoding, bf16 autocast, at most 4 new tokens; about a minute on 2 CPU cores.
+records (each a question in one option order): accuracy per category (chance 25%), the distribution of the option
+letters the answers name (a letter, or an option's text, :func:`divico.metrics.extract_option_letter`), and the
+circular score of the complete groups. ``--text-scene`` asks SmolLM2 alone (no LoRA, no image) with the scene's
+ground-truth description in front of the prompt: can the LLM pick an option when it is *told* the content?
+``--short-answer`` asks the image-fed model the bare question with the short-answer hint and no options, and maps
+its answer to the option with that text: what the model knows, whatever its multiple-choice skill. Greedy
+decoding, bf16 autocast, at most 6 new tokens; about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def text_scene_answers(records: list[dict[str, Any]], data: Path) -> list[str]:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
         ids = ids if torch.is_tensor(ids) else ids["input_ids"]
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+            out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return answers
 
@@ -50,7 +54,10 @@ def main() -> None:
     parser.add_argument("--stage", type=Path, default=ASSETS_DIR,
                         help="a trained stage-2 folder or an assets folder holding stage2/ (default: shipped)")
     parser.add_argument("--rotations", type=int, default=160, help="test records (question x option order)")
-    parser.add_argument("--text-scene", action="store_true", help="the bare LLM, told the scene as text")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--text-scene", action="store_true", help="the bare LLM, told the scene as text")
+    modes.add_argument("--short-answer", action="store_true",
+                       help="the bare question without options; the answer is mapped to the option with its text")
     args = parser.parse_args()
     if args.rotations < 4 or args.rotations % 4:
         parser.error(f"--rotations must be a positive multiple of 4 (whole circular groups), got {args.rotations}")
@@ -61,10 +68,12 @@ def main() -> None:
     else:
         stage = resolve_stage(args.stage)
         model, processor = load_base(stage)
+        # A short-answer benchmark's prompt: the bare question and the short-answer hint, no options.
+        asked = [{**r, "benchmark": "gqa"} for r in records] if args.short_answer else records
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            answers = answer_records(model, processor, records, args.data, batch_size=16, max_new_tokens=4,
+            answers = answer_records(model, processor, asked, args.data, batch_size=16, max_new_tokens=6,
                                      show_progress=False)
-        source = str(stage)
+        source = f"{stage}{' (short answers, no options)' if args.short_answer else ''}"
     right: Counter[str] = Counter()
     asked: Counter[str] = Counter()
     letters: Counter[str] = Counter()
