@@ -48,8 +48,9 @@ class RecipeConfig:
     The defaults are what the shipped checkpoints were trained with on 2 CPU cores (~6 min projector calibration,
     alignment and stage 1; ~60 min for stage 2 at ~10-12 s per step; ~9 min for the eight compressors at ~1 min
     each); the shipped stage 2 then continued for 250 steps (``stage2_init``, 43 min) and for 360 more with
-    ``multiturn_choice_orders=3`` (91 min), each time with its compressors retrained. Scale the step counts up
-    on a GPU or for better accuracy (``--steps-scale``).
+    ``multiturn_choice_orders=3`` (91 min), each time with its compressors retrained, and for 180 more once
+    multiple choice was answered with the option's text (38 min; compressors 90 steps each, 24 min). Scale the
+    step counts up on a GPU or for better accuracy (``--steps-scale``).
     """
 
     output_dir: Path = Path("runs/default-recipe")
