@@ -228,6 +228,21 @@ def test_scene_patch_targets_by_hand():
     assert set(on_item.nonzero().flatten().tolist()) == square_patches | {star_patch} | sign_patches
 
 
+def test_sign_patches_name_their_text_only_when_asked():
+    from divico.data import Scene, Sign
+    from divico.zoo.recipe import sign_text_words
+
+    scene = Scene(seed=0, background="white", objects=(), signs=(
+        Sign("CAFE", "red", 0, 0, 1 / 6, 1 / 6), Sign("X9K", "black", 2, 2, 5 / 6, 5 / 6)))
+    assert sign_text_words("CAFE") == ("cafe",) and sign_text_words("X9K") == ("x", "9", "k")
+    plain = scene_patch_words(scene, 6)
+    with_text = scene_patch_words(scene, 6, sign_text=True)
+    # Patch (0, 0) lies on the CAFE sign, patch (5, 5) on the X9K sign; the rest is background either way.
+    assert plain[0] == (("red", "sign"), True) and with_text[0] == (("red", "sign", "cafe"), True)
+    assert plain[35] == (("black", "sign"), True) and with_text[35] == (("black", "sign", "x", "9", "k"), True)
+    assert [p for p in with_text if p[0][1] != "sign"] == [p for p in plain if p[0][1] != "sign"]
+
+
 def test_write_visual_words_labels_each_patch_of_each_record(tmp_path):
     from divico.data import SMALL_SIZES, load_scenes, write_benchmark_splits, write_multiturn_training
 

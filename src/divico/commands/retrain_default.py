@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--choice-orders", type=int, default=None,
                         help="option orders in which stage 2 asks each multiple-choice question (default 1; "
                         "more show the same content behind other letters)")
+    parser.add_argument("--sign-text-words", action="store_true",
+                        help="stage 2's visual word loss also names each sign's text on its patches (a common word "
+                        "whole, a random string character by character)")
     parser.add_argument("--only", nargs="*", default=None, help="stage-3 runs to train (default: all)")
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
             if not 1 <= args.choice_orders <= MAX_CHOICE_ORDERS:
                 raise ValueError(f"--choice-orders must be in [1, {MAX_CHOICE_ORDERS}], got {args.choice_orders}.")
             config.multiturn_choice_orders = args.choice_orders
+        config.visual_word_sign_text = args.sign_text_words
         done = run_recipe(config, only=args.only)
     except (ValueError, FileNotFoundError) as error:
         print(f"divico retrain-default: {error}")

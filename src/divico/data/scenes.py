@@ -66,7 +66,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 _ROW_NAMES = ("top", "middle", "bottom")
 _COL_NAMES = ("left", "center", "right")
-_SIGN_WORDS: tuple[str, ...] = (
+#: The common words a sign may show (the other half of the signs show random letter/digit strings).
+SIGN_WORDS: tuple[str, ...] = (
     "CAT", "DOG", "SUN", "STOP", "OPEN", "BUS", "MILK", "TAXI", "EXIT", "BOOK", "FISH", "TREE",
     "BIRD", "CAKE", "LAMP", "GO", "UP", "ZOO", "MAP", "JAZZ", "KING", "PARK", "SALE", "BANK",
     "CAFE", "HOTEL", "PIZZA", "MUSIC", "TRAIN", "HOUSE", "WATER", "RIVER", "BREAD", "APPLE",
@@ -251,7 +252,7 @@ def random_sign_text(rng: random.Random) -> str:
     """
     while True:
         if rng.random() < 0.5:
-            text = rng.choice(_SIGN_WORDS)
+            text = rng.choice(SIGN_WORDS)
         else:
             text = "".join(rng.choice(_SIGN_ALPHABET) for _ in range(rng.randint(2, 5)))
         if text.lower() not in _RESERVED_TEXTS:

@@ -71,6 +71,9 @@ class RecipeConfig:
     #: of background patches within it (objects and signs: 1).
     visual_word_weight: float = 1.0
     visual_word_background_weight: float = 0.2
+    #: Sign patches also name their text in the visual word loss (:func:`sign_text_words`); off in the shipped
+    #: stages, whose sign patches name only colour and "sign".
+    visual_word_sign_text: bool = False
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
     #: Option orders in which stage 2 asks each multiple-choice question of a conversation (1: once); more orders
@@ -194,12 +197,20 @@ def _word_embedding(model: nn.Module, tokenizer: Any, words: str) -> torch.Tenso
     return model.get_input_embeddings().weight[ids].float().mean(dim=0)
 
 
-def scene_patch_words(scene: Any, grid: int) -> list[tuple[tuple[str, ...], bool]]:
+def sign_text_words(text: str) -> tuple[str, ...]:
+    """The words that name a sign's text: a common word whole (``"CAFE"`` -> ``("cafe",)``), a random string
+    character by character (``"X9K"`` -> ``("x", "9", "k")``), lower-cased as the answers are."""
+    from divico.data.scenes import SIGN_WORDS
+
+    return (text.lower(),) if text in SIGN_WORDS else tuple(text.lower())
+
+
+def scene_patch_words(scene: Any, grid: int, sign_text: bool = False) -> list[tuple[tuple[str, ...], bool]]:
     """What every patch of a rendered scene shows, from its ground truth, in raster order.
 
     A patch whose centre lies on an object shows its colour and shape words (``("red", "square")``); on a sign,
-    its colour and ``"sign"``; elsewhere, the background colour and ``"background"``. A tiny object that covers
-    no patch centre is given its nearest patch.
+    its colour and ``"sign"``, and with ``sign_text`` also :func:`sign_text_words` of its text; elsewhere, the
+    background colour and ``"background"``. A tiny object that covers no patch centre is given its nearest patch.
 
     Returns
     -------
@@ -212,7 +223,8 @@ def scene_patch_words(scene: Any, grid: int) -> list[tuple[tuple[str, ...], bool
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     items = [(o.x, o.y, max(o.size / 2, 0.5 / grid), (o.color, o.shape)) for o in scene.objects]
     # A sign spans most of its grid cell's width.
-    items += [(s.x, s.y, 1.0 / (2 * GRID_SIZE), (s.color, "sign")) for s in scene.signs]
+    items += [(s.x, s.y, 1.0 / (2 * GRID_SIZE), (s.color, "sign", *(sign_text_words(s.text) if sign_text else ())))
+              for s in scene.signs]
     for x, y, radius, words in items:
         inside = ((cols - x) ** 2 + (rows - y) ** 2 <= radius**2).flatten()
         if not bool(inside.any()):  # a tiny object: its nearest patch
@@ -242,11 +254,12 @@ def scene_patch_targets(model: nn.Module, tokenizer: Any, scene: Any, grid: int)
 
 
 def write_visual_words(
-    source: Path, target: Path, data: Path, grid: int, background_weight: float = 0.2,
+    source: Path, target: Path, data: Path, grid: int, background_weight: float = 0.2, sign_text: bool = False,
 ) -> int:
     """Copy a LLaVA training file of scene conversations, adding each record's ``"visual_words"``.
 
-    Object and sign patches get weight 1, background patches ``background_weight`` (:func:`scene_patch_words`).
+    Object and sign patches get weight 1, background patches ``background_weight`` (:func:`scene_patch_words`;
+    ``sign_text``: sign patches also name their text).
 
     Returns
     -------
@@ -264,7 +277,7 @@ def write_visual_words(
         if scene is None:
             raise KeyError(f"no scene for image {record.get('image')!r} of record {record.get('id')!r} in {data}")
         record["visual_words"] = [" ".join(words) if on_item else [" ".join(words), background_weight]
-                                  for words, on_item in scene_patch_words(scene, grid)]
+                                  for words, on_item in scene_patch_words(scene, grid, sign_text)]
     Path(target).write_text(json.dumps(records))
     return len(records)
 
@@ -481,9 +494,10 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
 
         grid = round(num_visual_tokens(config.image_size) ** 0.5)
         background = config.visual_word_background_weight
-        with_words = stage2_data.with_name(f"{stage2_data.stem}_words{grid}_bg{background:g}.json")
+        text = "_text" if config.visual_word_sign_text else ""
+        with_words = stage2_data.with_name(f"{stage2_data.stem}_words{grid}_bg{background:g}{text}.json")
         if not with_words.is_file():
-            write_visual_words(stage2_data, with_words, data, grid, background)
+            write_visual_words(stage2_data, with_words, data, grid, background, config.visual_word_sign_text)
         stage2_data = with_words
     keep_all = CompressionConfig("deco", keep_ratio=1.0)
     done: dict[str, str] = {}
