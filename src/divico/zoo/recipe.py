@@ -46,11 +46,11 @@ class RecipeConfig:
     """Sizes and hyper-parameters of the default model's training.
 
     The defaults are what the shipped checkpoints were trained with on 2 CPU cores (~6 min projector calibration,
-    alignment and stage 1; ~60 min for stage 2 at ~10-12 s per step; ~9 min for the eight compressors at ~1 min
-    each); the shipped stage 2 then continued for 250 steps (``stage2_init``, 43 min) and for 360 more with
-    ``multiturn_choice_orders=3`` (91 min), each time with its compressors retrained, and for 180 more once
-    multiple choice was answered with the option's text (38 min; compressors 90 steps each, 24 min). Scale the
-    step counts up on a GPU or for better accuracy (``--steps-scale``).
+    alignment and stage 1; ~60 min for stage 2 at ~10-12 s per step; ~24 min for the eight compressors at ~3 min
+    each); the shipped stage 2 then continued for 250 steps (``stage2_init``, 43 min), for 360 more with
+    ``multiturn_choice_orders=3`` (91 min) and for 180 more once multiple choice was answered with the option's
+    text (38 min), each time with its compressors retrained (the last time for 90 steps, now the default; before,
+    30). Scale the step counts up on a GPU or for better accuracy (``--steps-scale``).
     """
 
     output_dir: Path = Path("runs/default-recipe")
@@ -86,7 +86,7 @@ class RecipeConfig:
     #: Projector pre-alignment to scene ground-truth word embeddings before stage 1 (0 steps: skip).
     alignment_steps: int = 400
     alignment_images: int = 600
-    compressor_steps: int = 30
+    compressor_steps: int = 90
     compressor_lr: float = 2e-4
     compressor_lora_r: int = 8
     #: LoRA dropout in every stage (0.05 costs 29% of a CPU step, benchmarks/training_step_time.py).
