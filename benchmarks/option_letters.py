@@ -8,7 +8,7 @@ letter prior (always "A") scores 0 even when it knows the content. This prints, 
 records (each a question in one option order): accuracy per category (chance 25%), the distribution of the option
 letters the answers name (a letter, or an option's text, :func:`divico.metrics.extract_option_letter`), and the
 circular score of the complete groups. ``--text-scene`` asks SmolLM2 alone (no LoRA, no image) with the scene's
-ground-truth description in front of the prompt: can the LLM pick an option when it is *told* the content?
+ground-truth description in front of the prompt (``text_scene_control.py``'s prompt): can the LLM pick an option when it is *told* the content?
 ``--short-answer`` asks the image-fed model the bare question with the short-answer hint and no options, and maps
 its answer to the option with that text: what the model knows, whatever its multiple-choice skill. Greedy
 decoding, bf16 autocast, at most 6 new tokens; about a minute on 2 CPU cores.
@@ -19,33 +19,16 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from divico.data import load_scenes
-from divico.data.benchmarks import build_prompt
 from divico.evaluation.runner import answer_records
 from divico.metrics import extract_option_letter, mmbench_circular_accuracy
 from divico.zoo.default_model import build_default_model
 from divico.zoo.recipe import ASSETS_DIR, load_base
 from quick_exact_match import first_test_records, resolve_stage
-
-
-def text_scene_answers(records: list[dict[str, Any]], data: Path) -> list[str]:
-    """Greedy answers of the bare LLM to ``<scene description>\\n<MMBench prompt>``."""
-    model, processor = build_default_model()
-    tokenizer = processor.tokenizer
-    scenes = load_scenes(data, "test")
-    answers = []
-    for record in records:
-        messages = [{"role": "user", "content": scenes[record["image"]].describe() + "\n" + build_prompt(record)}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return answers
+from text_scene_control import text_scene_predictions
 
 
 def main() -> None:
@@ -63,15 +46,16 @@ def main() -> None:
         parser.error(f"--rotations must be a positive multiple of 4 (whole circular groups), got {args.rotations}")
     records = first_test_records(args.data, args.rotations, ("mmbench",))["mmbench"]
     if args.text_scene:
-        answers = text_scene_answers(records, args.data)
+        model, processor = build_default_model()
+        answers = text_scene_predictions(model, processor.tokenizer, load_scenes(args.data, "test"), records)
         source = "SmolLM2 alone, scene as text"
     else:
         stage = resolve_stage(args.stage)
         model, processor = load_base(stage)
         # A short-answer benchmark's prompt: the bare question and the short-answer hint, no options.
-        asked = [{**r, "benchmark": "gqa"} for r in records] if args.short_answer else records
+        queried = [{**r, "benchmark": "gqa"} for r in records] if args.short_answer else records
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            answers = answer_records(model, processor, asked, args.data, batch_size=16, max_new_tokens=6,
+            answers = answer_records(model, processor, queried, args.data, batch_size=16, max_new_tokens=6,
                                      show_progress=False)
         source = f"{stage}{' (short answers, no options)' if args.short_answer else ''}"
     right: Counter[str] = Counter()

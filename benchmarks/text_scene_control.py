@@ -55,7 +55,8 @@ def scene_text(scenes: dict[str, Any], image: str) -> str:
     return "Scene: " + scenes[image].describe()
 
 
-def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+def text_scene_predictions(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Greedy answers (at most 6 new tokens, bf16 autocast) to ``<scene text>\n<prompt>`` for each eval row."""
     predictions = []
     with torch.no_grad():
         for row in rows:
@@ -65,7 +66,11 @@ def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[d
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             predictions.append(tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-    return exact_match_percent(predictions, rows)
+    return predictions
+
+
+def exact_match(model: Any, tokenizer: Any, scenes: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+    return exact_match_percent(text_scene_predictions(model, tokenizer, scenes, rows), rows)
 
 
 def control_parser(description: str, steps: int, out: str) -> argparse.ArgumentParser:

@@ -615,7 +615,7 @@ def _with_reordered_choices(
         if "options" not in record:
             continue
         original = record["options"]
-        correct = original[_OPTION_LETTERS.index(record["answer"])]
+        correct = training_target(record)
         seen = {tuple(original[shift:] + original[:shift]) for shift in range(len(original))}
         for _ in range(orders - 1):
             options = list(original)

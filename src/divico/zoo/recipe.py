@@ -31,7 +31,7 @@ from torch import nn
 
 from divico.api import remove_compression
 from divico.config import CompressionConfig
-from divico.data.scenes import GRID_SIZE
+from divico.data.scenes import GRID_SIZE, SIGN_WORDS
 from divico.io import load_compressor
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
@@ -200,8 +200,6 @@ def _word_embedding(model: nn.Module, tokenizer: Any, words: str) -> torch.Tenso
 def sign_text_words(text: str) -> tuple[str, ...]:
     """The words that name a sign's text: a common word whole (``"CAFE"`` -> ``("cafe",)``), a random string
     character by character (``"X9K"`` -> ``("x", "9", "k")``), lower-cased as the answers are."""
-    from divico.data.scenes import SIGN_WORDS
-
     return (text.lower(),) if text in SIGN_WORDS else tuple(text.lower())
 
 
