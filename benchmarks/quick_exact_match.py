@@ -44,26 +44,32 @@ def exact_match_percent(predictions: list[str], rows: list[dict[str, Any]]) -> f
     return round(exact_match_accuracy(predictions, answers), 1)
 
 
+def greedy_predictions(
+    model: Any, processor: Any, data: Path, records: list[dict[str, Any]],
+    before_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[str]:
+    """Greedy image-fed answers to ``records`` (batches of 16, bf16 autocast, <= 6 new tokens).
+
+    ``before_batch(records)`` is called before each batch is answered.
+    """
+    predictions: list[str] = []
+    for start in range(0, len(records), 16):
+        chunk = records[start:start + 16]
+        if before_batch is not None:
+            before_batch(chunk)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            predictions += answer_records(model, processor, chunk, data, batch_size=16, max_new_tokens=6,
+                                          show_progress=False)
+    return predictions
+
+
 def exact_match_scores(
     model: Any, processor: Any, data: Path, rows: dict[str, list[dict[str, Any]]],
     before_batch: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
-    """Greedy image-fed answers (batches of 16, bf16 autocast, <= 6 new tokens) scored per benchmark.
-
-    ``before_batch(records)`` is called before each batch is answered.
-    """
-    scores = {}
-    for benchmark, records in rows.items():
-        predictions: list[str] = []
-        for start in range(0, len(records), 16):
-            chunk = records[start:start + 16]
-            if before_batch is not None:
-                before_batch(chunk)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                predictions += answer_records(model, processor, chunk, data, batch_size=16, max_new_tokens=6,
-                                              show_progress=False)
-        scores[benchmark] = exact_match_percent(predictions, records)
-    return scores
+    """:func:`greedy_predictions` scored per benchmark by :func:`exact_match_percent`."""
+    return {benchmark: exact_match_percent(greedy_predictions(model, processor, data, records, before_batch), records)
+            for benchmark, records in rows.items()}
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from divico.data import (
     load_scenes,
     write_benchmark_splits,
     write_multiturn_training,
+    write_sign_reading_training,
 )
 from divico.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
 from divico.data.scenes import (
@@ -399,6 +400,41 @@ def test_multiturn_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
         write_multiturn_training(root, turns=0)
     with pytest.raises(ValueError, match=r"caption_share must be in \[0, 1\], got 1.5"):
         write_multiturn_training(root, caption_share=1.5)
+
+
+def test_sign_reading_conversations_ask_only_about_signs(
+    small_dirs: tuple[Path, Path, Path], tmp_path: Path,
+) -> None:
+    import shutil
+
+    shutil.copytree(small_dirs[0] / "scenes", tmp_path / "scenes")
+    benchmark_scenes = load_scenes(tmp_path, "train")
+    path = write_sign_reading_training(tmp_path, images=12, seed=0, turns=5, show_progress=False)
+    assert path.name == "llava_train_signs12x5.json"
+    first = path.read_bytes()
+    assert write_sign_reading_training(tmp_path, images=12, seed=0, turns=5, show_progress=False).read_bytes() == first
+    scenes = load_scenes(tmp_path, "train")  # now with the sign scenes
+    conversations = json.loads(first)
+    assert len(conversations) == 12 and len(scenes) == len(benchmark_scenes) + 12
+    all_seeds = {load_scenes(small_dirs[0], split)[image].seed
+                 for split in SPLITS for image in load_scenes(small_dirs[0], split)}
+    assert all_seeds.isdisjoint(scenes[c["image"]].seed for c in conversations)
+    for item in conversations:
+        scene = scenes[item["image"]]
+        assert 1 <= len(scene.signs) <= 3
+        assert Image.open(tmp_path / item["image"]).size == (168, 168)
+        prompts = [t["value"].removeprefix("<image>\n") for t in item["conversations"][::2]]
+        answers = [t["value"] for t in item["conversations"][1::2]]
+        assert item["conversations"][0]["value"].startswith("<image>\n")
+        assert 1 <= len(prompts) <= 5 and len(set(prompts)) == len(prompts)
+        # Every sign is first asked for openly, then only sign questions follow.
+        texts = sorted(sign.text.lower() for sign in scene.signs)
+        assert sorted(answers[:len(texts)]) == texts
+        for prompt, answer in zip(prompts, answers):
+            assert answer == _expected_turn_answer(scene, prompt), prompt
+            assert "sign" in prompt or "written" in prompt or "text" in prompt, prompt
+    with pytest.raises(ValueError, match="images must be an int >= 1, got 0"):
+        write_sign_reading_training(tmp_path, images=0)
 
 
 def test_multiturn_choice_orders_repeat_each_question_behind_other_letters(

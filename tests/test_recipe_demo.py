@@ -301,7 +301,23 @@ def test_retrain_default_refuses_bad_stage2_options_before_training(tmp_path, ca
     assert "--choice-orders must be in [1, 21], got 0" in capsys.readouterr().out
     assert main(["retrain-default", "--out", str(tmp_path / "r"), "--compressor-steps", "0"]) == 2
     assert "--compressor-steps must be >= 1, got 0" in capsys.readouterr().out
+    assert main(["retrain-default", "--out", str(tmp_path / "r"), "--sign-reading", "-1"]) == 2
+    assert "--sign-reading must be >= 0 images, got -1" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+
+
+def test_sign_reading_conversations_are_mixed_into_stage2(tmp_path):
+    from divico.zoo.recipe import _with_sign_reading
+
+    stage2_data = tmp_path / "llava_train_multiturn8.json"
+    stage2_data.write_text(json.dumps([{"id": f"multiturn-{i}", "image": "x.png", "conversations": []}
+                                       for i in range(5)]))
+    config = RecipeConfig(output_dir=tmp_path, sign_reading_images=4)
+    mixed = _with_sign_reading(config, tmp_path, stage2_data)
+    assert mixed.name == "llava_train_multiturn8_signs4x8.json"
+    ids = [record["id"] for record in json.loads(mixed.read_text())]
+    assert sorted(ids) == sorted([f"multiturn-{i}" for i in range(5)] + [f"signs-train-{i:05d}" for i in range(4)])
+    assert ids != sorted(ids, key=lambda name: not name.startswith("multiturn"))  # shuffled, not appended
 
 
 def test_chained_warm_starts_each_get_a_new_data_order(tmp_path):

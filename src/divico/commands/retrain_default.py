@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--sign-text-words", action="store_true",
                         help="stage 2's visual word loss also names each sign's text on its patches (a common word "
                         "whole, a random string character by character)")
+    parser.add_argument("--sign-reading", type=int, default=None, metavar="IMAGES",
+                        help="mix IMAGES extra sign scenes into stage 2, each with a conversation that asks only "
+                        "about sign text (default 0)")
     parser.add_argument("--only", nargs="*", default=None, help="stage-3 runs to train (default: all)")
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")
@@ -56,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--choice-orders must be in [1, {MAX_CHOICE_ORDERS}], got {args.choice_orders}.")
             config.multiturn_choice_orders = args.choice_orders
         config.visual_word_sign_text = args.sign_text_words
+        if args.sign_reading is not None:
+            if args.sign_reading < 0:
+                raise ValueError(f"--sign-reading must be >= 0 images, got {args.sign_reading}.")
+            config.sign_reading_images = args.sign_reading
         done = run_recipe(config, only=args.only)
     except (ValueError, FileNotFoundError) as error:
         print(f"divico retrain-default: {error}")

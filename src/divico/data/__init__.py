@@ -18,9 +18,12 @@ from divico.data.benchmarks import (
     load_scenes,
     multiturn_conversation,
     multiturn_file_name,
+    sign_reading_conversation,
+    sign_reading_file_name,
     training_target,
     write_benchmark_splits,
     write_multiturn_training,
+    write_sign_reading_training,
 )
 from divico.data.scenes import Scene, SceneObject, Sign, generate_scene, render_scene
 
@@ -43,7 +46,10 @@ __all__ = [
     "render_scene",
     "multiturn_conversation",
     "multiturn_file_name",
+    "sign_reading_conversation",
+    "sign_reading_file_name",
     "training_target",
     "write_benchmark_splits",
     "write_multiturn_training",
+    "write_sign_reading_training",
 ]

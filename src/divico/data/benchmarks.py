@@ -77,6 +77,10 @@ __all__ = [
     "multiturn_conversation",
     "multiturn_file_name",
     "write_multiturn_training",
+    "SIGN_READING_SET",
+    "sign_reading_conversation",
+    "sign_reading_file_name",
+    "write_sign_reading_training",
 ]
 
 BENCHMARKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "gqa")
@@ -455,6 +459,18 @@ def _scene_seed(seed: int, split: str, set_name: str, index: int) -> int:
     return ((seed * len(SPLITS) + split_index) * 8 + set_index) * _SCENES_PER_SET_LIMIT + index
 
 
+#: Scene-seed slot of the extra sign-reading training scenes (:func:`write_sign_reading_training`), after the
+#: slots of :data:`TRAINING_SETS`, so they never repeat a benchmark scene of any split.
+SIGN_READING_SET = "signs"
+
+
+def _sign_reading_seed(seed: int, index: int) -> int:
+    if index >= _SCENES_PER_SET_LIMIT:
+        raise ValueError(f"sign-reading scene index {index} exceeds {_SCENES_PER_SET_LIMIT - 1}")
+    slot = len(TRAINING_SETS)  # 6 of the 8 slots per split are the training sets
+    return ((seed * len(SPLITS) + SPLITS.index("train")) * 8 + slot) * _SCENES_PER_SET_LIMIT + index
+
+
 def _resolve_sizes(sizes: Mapping[str, Mapping[str, int]] | None) -> dict[str, dict[str, int]]:
     resolved = {split: dict(DEFAULT_SIZES[split]) for split in SPLITS}
     for split, per_set in (sizes or {}).items():
@@ -603,6 +619,113 @@ def multiturn_conversation(
         conversations.append({"from": "human", "value": prefix + build_prompt(record)})
         conversations.append({"from": "gpt", "value": training_target(record)})
     return {"id": conversation_id, "image": image_path, "conversations": conversations}
+
+
+def sign_reading_conversation(
+    scene: Scene, image_path: str, rng: random.Random, turns: int = 8, conversation_id: str = "signs",
+) -> dict[str, Any]:
+    """One LLaVA conversation that asks only about the text of ``scene``'s signs.
+
+    Every sign is asked for as an open question first (the TextVQA form: "What is written on the red
+    sign?", or a single sign's phrasings), then the turns are filled with the MME yes/no pairs ("Is the
+    word "CAFE" written in this image?", against a distractor text) and MMBench choices about the
+    signs. Reading sign text is the skill the mixed multi-turn conversations teach least (about one
+    question in eight); these conversations give it dense supervision.
+
+    Parameters
+    ----------
+    scene : Scene
+        Ground truth of the image; needs at least one sign.
+    image_path : str
+        Image path stored in the conversation.
+    rng : random.Random
+        Source of every random choice.
+    turns : int
+        Question turns (>= 1); fewer when the scene offers fewer distinct questions.
+    conversation_id : str
+        The ``id`` of the conversation.
+
+    Returns
+    -------
+    dict
+        ``{"id", "image", "conversations"}`` in LLaVA format; the first human turn holds ``<image>``.
+    """
+    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+        raise ValueError(f"turns must be an int >= 1, got {turns!r}")
+    if not scene.signs:
+        raise ValueError(f"scene {scene.seed} has no sign to read")
+    open_questions: list[dict[str, Any]] = []
+    for sign in rng.sample(scene.signs, len(scene.signs)):
+        question = (rng.choice(("What word is written in the image?", "What does the sign say?",
+                                "What is written on the sign?"))
+                    if len(scene.signs) == 1 else f"What is written on the {sign.color} sign?")
+        open_questions.append({"benchmark": "textvqa", "question": question, "answers": [sign.text.lower()],
+                               "category": "ocr"})
+    others: list[dict[str, Any]] = []
+    ocr_subtask = MME_SUBTASKS.index("ocr")
+    ocr_category = MMBENCH_CATEGORIES.index("ocr")
+    for _ in range(len(scene.signs)):
+        others += [{"benchmark": "mme", **q} for q in _mme_questions(scene, rng, ocr_subtask) or []]
+        others += [{"benchmark": "mmbench", **q} for q in _mmbench_questions(scene, rng, ocr_category) or []]
+    rng.shuffle(others)
+    chosen: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for record in [*open_questions, *others]:
+        prompt = build_prompt(record)
+        if prompt not in seen and len(chosen) < turns:
+            seen.add(prompt)
+            chosen.append(record)
+    conversations: list[dict[str, str]] = []
+    for turn_index, record in enumerate(chosen):
+        prefix = "<image>\n" if turn_index == 0 else ""
+        conversations.append({"from": "human", "value": prefix + build_prompt(record)})
+        conversations.append({"from": "gpt", "value": training_target(record)})
+    return {"id": conversation_id, "image": image_path, "conversations": conversations}
+
+
+def sign_reading_file_name(images: int, turns: int) -> str:
+    """File name of a sign-reading training file (``llava_train_signs3000x8.json``)."""
+    return f"llava_train_signs{images}x{turns}.json"
+
+
+def write_sign_reading_training(
+    data_dir: str | Path, images: int, seed: int = 0, turns: int = 8, image_size: int = 168,
+    show_progress: bool = True,
+) -> Path:
+    """Render ``images`` extra training scenes with 1-3 signs and write one sign-reading conversation per image.
+
+    Scenes come from their own seed slot (:data:`SIGN_READING_SET`), disjoint from every benchmark split, so
+    held-out test images are never repeated. Images go to ``images/train/signs/``, their ground truth to
+    ``scenes/train_signs.jsonl`` (read by :func:`load_scenes` for ``"train"``), the conversations
+    (:func:`sign_reading_conversation`) to :func:`sign_reading_file_name`.
+
+    Returns
+    -------
+    Path
+        The written conversation file.
+    """
+    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
+        raise ValueError(f"images must be an int >= 1, got {images!r}")
+    if not isinstance(image_size, int) or image_size < 64:
+        raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
+    root = Path(data_dir)
+    image_dir = root / "images" / "train" / SIGN_READING_SET
+    image_dir.mkdir(parents=True, exist_ok=True)
+    scenes: list[dict[str, Any]] = []
+    conversations: list[dict[str, Any]] = []
+    for index in tqdm(range(images), desc="rendering sign scenes", unit="img", disable=not show_progress):
+        scene_seed = _sign_reading_seed(seed, index)
+        scene = generate_scene(scene_seed, sign_count_weights=(0.0, 0.4, 0.4, 0.2))
+        image_path = f"images/train/{SIGN_READING_SET}/{scene_seed}.png"
+        render_scene(scene, image_size).save(root / image_path, format="PNG")
+        scenes.append({"image": image_path, "scene": scene.to_dict()})
+        conversations.append(sign_reading_conversation(
+            scene, image_path, random.Random(f"signs-{scene_seed}"), turns=turns,
+            conversation_id=f"signs-train-{index:05d}"))
+    _write_jsonl(root / "scenes" / f"train_{SIGN_READING_SET}.jsonl", scenes)
+    path = root / sign_reading_file_name(images, turns)
+    _write_json(path, conversations)
+    return path
 
 
 def _with_reordered_choices(
@@ -808,7 +931,11 @@ def load_scenes(data_dir: str | Path, split: str) -> dict[str, Scene]:
     path = Path(data_dir) / "scenes" / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no scene file {path}")
-    return {row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(path)}
+    scenes = {row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(path)}
+    extra = Path(data_dir) / "scenes" / f"{split}_{SIGN_READING_SET}.jsonl"
+    if extra.is_file():  # the sign-reading scenes of write_sign_reading_training
+        scenes.update({row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(extra)})
+    return scenes
 
 
 def load_llava_conversations(data_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ so this is exactly the uncompressed model with a trainable projector, trained by
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +75,9 @@ class RecipeConfig:
     #: Sign patches also name their text in the visual word loss (:func:`sign_text_words`); off in the shipped
     #: stages, whose sign patches name only colour and "sign".
     visual_word_sign_text: bool = False
+    #: Extra training images with 1-3 signs, each with a conversation that asks only about sign text
+    #: (:func:`divico.data.write_sign_reading_training`), mixed into stage 2's conversations (0: none).
+    sign_reading_images: int = 0
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
     #: Option orders in which stage 2 asks each multiple-choice question of a conversation (1: once); more orders
@@ -416,6 +420,22 @@ def _stage_steps(directory: Path) -> int:
     return int(json.loads((directory / "training_config.json").read_text())["max_steps"])
 
 
+def _with_sign_reading(config: RecipeConfig, data: Path, stage2_data: Path) -> Path:
+    """``stage2_data`` shuffled together with :func:`divico.data.write_sign_reading_training`'s conversations."""
+    from divico.data import sign_reading_file_name, write_sign_reading_training
+
+    images, turns = config.sign_reading_images, config.multiturn_turns or 8
+    mixed = stage2_data.with_name(f"{stage2_data.stem}_signs{images}x{turns}.json")
+    if not mixed.is_file():
+        signs = data / sign_reading_file_name(images, turns)
+        if not signs.is_file():
+            write_sign_reading_training(data, images, seed=config.seed, turns=turns, image_size=config.image_size)
+        records = json.loads(stage2_data.read_text()) + json.loads(signs.read_text())
+        random.Random(f"signs-mix-{config.seed}").shuffle(records)
+        mixed.write_text(json.dumps(records))
+    return mixed
+
+
 def _train_stage(
     model: nn.Module, processor: Any, data: Path, image_folder: Path, out: Path, compression: CompressionConfig,
     steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
@@ -487,6 +507,8 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         if not stage2_data.is_file():
             write_multiturn_training(data, seed=config.seed, turns=config.multiturn_turns,
                                      choice_orders=config.multiturn_choice_orders)
+    if config.sign_reading_images:
+        stage2_data = _with_sign_reading(config, data, stage2_data)
     if config.visual_word_weight:
         from divico.zoo.default_model import num_visual_tokens
 
