@@ -337,6 +337,17 @@ def test_scene_generation_is_deterministic_and_validated() -> None:
     assert render_scene(scene, 96).size == (96, 96)
     with pytest.raises(ValueError, match="image_size"):
         render_scene(scene, 32)
+    with pytest.raises(ValueError, match=r"sign_font_scale must be in \(0, 0.3\], got 0.5"):
+        render_scene(scene, 96, sign_font_scale=0.5)
+    signed = generate_scene(5, sign_count_weights=(0.0, 1.0))
+    # A larger font draws a larger sign: more of its grid cell differs from the background.
+    sign = signed.signs[0]
+    drawn = []
+    for scale in (0.06, 0.085):
+        cell = np.asarray(render_scene(signed, 168, sign_font_scale=scale))[
+            sign.row * 56:(sign.row + 1) * 56, sign.col * 56:(sign.col + 1) * 56]
+        drawn.append(int((cell != cell[0, 0]).any(-1).sum()))
+    assert 0 < drawn[0] < drawn[1]
     with pytest.raises(ValueError, match="seed"):
         generate_scene(-1)
     with pytest.raises(ValueError, match="unknown set"):

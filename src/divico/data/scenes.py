@@ -27,6 +27,8 @@ __all__ = [
     "COLORS",
     "COLOR_SYNONYMS",
     "SIGN_COLORS",
+    "SIGN_FONT_SCALE",
+    "SIGN_WORDS",
     "BACKGROUNDS",
     "GRID_SIZE",
     "SceneObject",
@@ -378,12 +380,16 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None
         raise ValueError(f"unknown shape {obj.shape!r}; valid: {list(SHAPES)}")
 
 
-def _draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, side: int) -> None:
+#: Sign font size as a share of the image side (14 px at 168 px), before shrinking to fit the cell.
+SIGN_FONT_SCALE = 0.085
+
+
+def _draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, side: int, font_scale: float = SIGN_FONT_SCALE) -> None:
     cx, cy = sign.x * side, sign.y * side
     padding = max(2, round(side * 0.015))
     max_text_width = side / GRID_SIZE - 2 * padding - 2
-    # Largest font (up to ~8.5% of the side) whose text fits the cell width.
-    font_px = max(8, round(side * 0.085))
+    # Largest font (up to font_scale of the side) whose text fits the cell width.
+    font_px = max(8, round(side * font_scale))
     font = _font(font_px)
     while font_px > 8 and draw.textlength(sign.text, font=font) > max_text_width:
         font_px -= 1
@@ -394,7 +400,7 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, side: int) -> None:
     draw.text((cx, cy), sign.text, font=font, anchor="mm", fill=_SIGN_TEXT_RGB)
 
 
-def render_scene(scene: Scene, image_size: int = 168) -> Image.Image:
+def render_scene(scene: Scene, image_size: int = 168, sign_font_scale: float = SIGN_FONT_SCALE) -> Image.Image:
     """Draw ``scene`` as an RGB image of ``image_size`` x ``image_size`` pixels.
 
     Parameters
@@ -403,6 +409,9 @@ def render_scene(scene: Scene, image_size: int = 168) -> Image.Image:
         The scene to draw.
     image_size : int
         Side in pixels, at least 64 (below that sign text is unreadable).
+    sign_font_scale : float
+        Sign font size as a share of the side, in (0, 0.3]; a text too wide for its cell is drawn smaller.
+        The benchmarks use :data:`SIGN_FONT_SCALE`.
 
     Returns
     -------
@@ -411,6 +420,8 @@ def render_scene(scene: Scene, image_size: int = 168) -> Image.Image:
     """
     if not isinstance(image_size, int) or image_size < 64:
         raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
+    if not 0 < sign_font_scale <= 0.3:
+        raise ValueError(f"sign_font_scale must be in (0, 0.3], got {sign_font_scale!r}")
     if scene.background not in BACKGROUNDS:
         raise ValueError(f"unknown background {scene.background!r}; valid: {list(BACKGROUNDS)}")
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
@@ -418,5 +429,5 @@ def render_scene(scene: Scene, image_size: int = 168) -> Image.Image:
     for obj in scene.objects:
         _draw_object(draw, obj, image_size)
     for sign in scene.signs:
-        _draw_sign(draw, sign, image_size)
+        _draw_sign(draw, sign, image_size, sign_font_scale)
     return image
