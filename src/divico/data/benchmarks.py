@@ -545,6 +545,21 @@ _MULTITURN_CALLS: dict[str, int] = {"textvqa": 3, "pope": 1, "mme": len(MME_SUBT
                                     "mmbench": len(MMBENCH_CATEGORIES), "gqa": 3}
 
 
+def _check_turns(turns: int) -> None:
+    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
+        raise ValueError(f"turns must be an int >= 1, got {turns!r}")
+
+
+def _conversation(records: list[dict[str, Any]], image_path: str, conversation_id: str) -> dict[str, Any]:
+    """A LLaVA conversation asking ``records`` in order; the first human turn holds ``<image>``."""
+    conversations: list[dict[str, str]] = []
+    for turn_index, record in enumerate(records):
+        prefix = "<image>\n" if turn_index == 0 else ""
+        conversations.append({"from": "human", "value": prefix + build_prompt(record)})
+        conversations.append({"from": "gpt", "value": training_target(record)})
+    return {"id": conversation_id, "image": image_path, "conversations": conversations}
+
+
 def multiturn_conversation(
     scene: Scene, image_path: str, rng: random.Random, turns: int = 8, caption_share: float = 0.25,
     conversation_id: str = "multiturn", choice_orders: int = 1,
@@ -581,8 +596,7 @@ def multiturn_conversation(
     dict
         ``{"id", "image", "conversations"}`` in LLaVA format; the first human turn holds ``<image>``.
     """
-    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
-        raise ValueError(f"turns must be an int >= 1, got {turns!r}")
+    _check_turns(turns)
     if not 0.0 <= caption_share <= 1.0:
         raise ValueError(f"caption_share must be in [0, 1], got {caption_share!r}")
     if (not isinstance(choice_orders, int) or isinstance(choice_orders, bool)
@@ -613,12 +627,7 @@ def multiturn_conversation(
         chosen = _with_reordered_choices(chosen, choice_orders, rng)
     if rng.random() < caption_share:
         chosen.insert(0, {"benchmark": "caption", "question": CAPTION_PROMPT, "answer": scene.describe()})
-    conversations: list[dict[str, str]] = []
-    for turn_index, record in enumerate(chosen):
-        prefix = "<image>\n" if turn_index == 0 else ""
-        conversations.append({"from": "human", "value": prefix + build_prompt(record)})
-        conversations.append({"from": "gpt", "value": training_target(record)})
-    return {"id": conversation_id, "image": image_path, "conversations": conversations}
+    return _conversation(chosen, image_path, conversation_id)
 
 
 def sign_reading_conversation(
@@ -650,8 +659,7 @@ def sign_reading_conversation(
     dict
         ``{"id", "image", "conversations"}`` in LLaVA format; the first human turn holds ``<image>``.
     """
-    if not isinstance(turns, int) or isinstance(turns, bool) or turns < 1:
-        raise ValueError(f"turns must be an int >= 1, got {turns!r}")
+    _check_turns(turns)
     if not scene.signs:
         raise ValueError(f"scene {scene.seed} has no sign to read")
     open_questions: list[dict[str, Any]] = []
@@ -675,12 +683,7 @@ def sign_reading_conversation(
         if prompt not in seen and len(chosen) < turns:
             seen.add(prompt)
             chosen.append(record)
-    conversations: list[dict[str, str]] = []
-    for turn_index, record in enumerate(chosen):
-        prefix = "<image>\n" if turn_index == 0 else ""
-        conversations.append({"from": "human", "value": prefix + build_prompt(record)})
-        conversations.append({"from": "gpt", "value": training_target(record)})
-    return {"id": conversation_id, "image": image_path, "conversations": conversations}
+    return _conversation(chosen, image_path, conversation_id)
 
 
 def sign_reading_file_name(images: int, turns: int) -> str:
