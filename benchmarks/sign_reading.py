@@ -13,21 +13,20 @@ cores for the validation split's ~70 questions.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
 from quick_exact_match import exact_match_percent, greedy_predictions, resolve_stage
 
+from divico.data import load_eval_records
 from divico.data.scenes import SIGN_WORDS
 from divico.zoo.recipe import ASSETS_DIR, load_base
 
 
 def sign_records(data: Path, split: str) -> dict[str, list[dict]]:
     """The ``ocr`` records of the TextVQA-style set, grouped as ``{"word": [...], "string": [...]}``."""
-    rows = [json.loads(line) for line in (data / "textvqa" / f"{split}.jsonl").open()]
     groups: dict[str, list[dict]] = {"word": [], "string": []}
-    for row in rows:
+    for row in load_eval_records(data, "textvqa", split):
         if row.get("category") == "ocr":
             groups["word" if row["answers"][0].upper() in SIGN_WORDS else "string"].append(row)
     return groups

@@ -23,6 +23,7 @@ import random
 from pathlib import Path
 
 import torch
+from quick_exact_match import resolve_stage
 
 from divico.data.scenes import _SIGN_ALPHABET, GRID_SIZE, SIGN_FONT_SCALE, SIGN_WORDS, generate_scene, render_scene
 from divico.zoo.default_model import VISION_FEATURE_LAYER, build_default_model, num_visual_tokens
@@ -75,14 +76,10 @@ def main() -> None:
     model, processor = build_default_model()
     projector = None
     if args.stage is not None:
-        stage = args.stage / "stage2" if (args.stage / "stage2" / "config.json").is_file() else args.stage
-        projector = load_base(stage)[0].model.multi_modal_projector
+        projector = load_base(resolve_stage(args.stage))[0].model.multi_modal_projector
     grid = round(num_visual_tokens() ** 0.5)
-    scenes, seed = [], PROBE_SEED_BASE
-    while len(scenes) < args.scenes:
-        scene = generate_scene(seed, sign_count_weights=(0.0, 0.5, 0.5))
-        seed += 1
-        scenes.append(scene)
+    scenes = [generate_scene(PROBE_SEED_BASE + index, sign_count_weights=(0.0, 0.5, 0.5))
+              for index in range(args.scenes)]
     random.Random(0).shuffle(scenes)
     classes = {"word": len(SIGN_WORDS), "first char": len(_SIGN_ALPHABET)}
     for scale in args.font_scale:

@@ -427,8 +427,7 @@ def test_sign_reading_conversations_ask_only_about_signs(
     scenes = load_scenes(tmp_path, "train")  # now with the sign scenes
     conversations = json.loads(first)
     assert len(conversations) == 12 and len(scenes) == len(benchmark_scenes) + 12
-    all_seeds = {load_scenes(small_dirs[0], split)[image].seed
-                 for split in SPLITS for image in load_scenes(small_dirs[0], split)}
+    all_seeds = {scene.seed for split in SPLITS for scene in load_scenes(small_dirs[0], split).values()}
     assert all_seeds.isdisjoint(scenes[c["image"]].seed for c in conversations)
     for item in conversations:
         scene = scenes[item["image"]]

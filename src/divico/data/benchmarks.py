@@ -48,6 +48,7 @@ from divico.data.scenes import (
     SHAPES,
     Scene,
     SceneObject,
+    Sign,
     generate_scene,
     object_prior,
     random_sign_text,
@@ -173,16 +174,20 @@ def _yes_no_pair(yes_question: str, no_question: str) -> list[Question]:
 # --------------------------------------------------------------------------------------------
 
 
+def _open_sign_question(scene: Scene, sign: Sign, rng: random.Random) -> Question:
+    """The TextVQA-style question for ``sign``'s text: by its colour, or one of three phrasings when it is alone."""
+    if len(scene.signs) == 1:
+        question = rng.choice((
+            "What word is written in the image?", "What does the sign say?",
+            "What is written on the sign?"))
+    else:
+        question = f"What is written on the {sign.color} sign?"
+    return {"question": question, "answers": [sign.text.lower()] * 10, "category": "ocr"}
+
+
 def _textvqa_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
     if scene.signs and rng.random() < 0.7:
-        sign = rng.choice(scene.signs)
-        if len(scene.signs) == 1:
-            question = rng.choice((
-                "What word is written in the image?", "What does the sign say?",
-                "What is written on the sign?"))
-        else:
-            question = f"What is written on the {sign.color} sign?"
-        return [{"question": question, "answers": [sign.text.lower()] * 10, "category": "ocr"}]
+        return [_open_sign_question(scene, rng.choice(scene.signs), rng)]
     unique = _unique_by_shape(scene)
     if unique and rng.random() < 0.5:
         obj = rng.choice(unique)
@@ -450,25 +455,20 @@ def training_target(record: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+#: Scene-seed slot of the extra sign-reading training scenes (:func:`write_sign_reading_training`), after the
+#: slots of :data:`TRAINING_SETS`, so they never repeat a benchmark scene of any split.
+SIGN_READING_SET = "signs"
+# Seed slots per split: the training sets, then the sign-reading scenes (8 slots in the seed layout).
+_SEED_SLOTS: tuple[str, ...] = (*TRAINING_SETS, SIGN_READING_SET)
+
+
 def _scene_seed(seed: int, split: str, set_name: str, index: int) -> int:
     if index >= _SCENES_PER_SET_LIMIT:
         raise ValueError(
             f"scene index {index} of {split}/{set_name} exceeds {_SCENES_PER_SET_LIMIT - 1}")
     split_index = SPLITS.index(split)
-    set_index = TRAINING_SETS.index(set_name)
+    set_index = _SEED_SLOTS.index(set_name)
     return ((seed * len(SPLITS) + split_index) * 8 + set_index) * _SCENES_PER_SET_LIMIT + index
-
-
-#: Scene-seed slot of the extra sign-reading training scenes (:func:`write_sign_reading_training`), after the
-#: slots of :data:`TRAINING_SETS`, so they never repeat a benchmark scene of any split.
-SIGN_READING_SET = "signs"
-
-
-def _sign_reading_seed(seed: int, index: int) -> int:
-    if index >= _SCENES_PER_SET_LIMIT:
-        raise ValueError(f"sign-reading scene index {index} exceeds {_SCENES_PER_SET_LIMIT - 1}")
-    slot = len(TRAINING_SETS)  # 6 of the 8 slots per split are the training sets
-    return ((seed * len(SPLITS) + SPLITS.index("train")) * 8 + slot) * _SCENES_PER_SET_LIMIT + index
 
 
 def _resolve_sizes(sizes: Mapping[str, Mapping[str, int]] | None) -> dict[str, dict[str, int]]:
@@ -662,13 +662,8 @@ def sign_reading_conversation(
     _check_turns(turns)
     if not scene.signs:
         raise ValueError(f"scene {scene.seed} has no sign to read")
-    open_questions: list[dict[str, Any]] = []
-    for sign in rng.sample(scene.signs, len(scene.signs)):
-        question = (rng.choice(("What word is written in the image?", "What does the sign say?",
-                                "What is written on the sign?"))
-                    if len(scene.signs) == 1 else f"What is written on the {sign.color} sign?")
-        open_questions.append({"benchmark": "textvqa", "question": question, "answers": [sign.text.lower()],
-                               "category": "ocr"})
+    open_questions = [{"benchmark": "textvqa", **_open_sign_question(scene, sign, rng)}
+                      for sign in rng.sample(scene.signs, len(scene.signs))]
     others: list[dict[str, Any]] = []
     ocr_subtask = MME_SUBTASKS.index("ocr")
     ocr_category = MMBENCH_CATEGORIES.index("ocr")
@@ -717,7 +712,7 @@ def write_sign_reading_training(
     scenes: list[dict[str, Any]] = []
     conversations: list[dict[str, Any]] = []
     for index in tqdm(range(images), desc="rendering sign scenes", unit="img", disable=not show_progress):
-        scene_seed = _sign_reading_seed(seed, index)
+        scene_seed = _scene_seed(seed, "train", SIGN_READING_SET, index)
         scene = generate_scene(scene_seed, sign_count_weights=(0.0, 0.4, 0.4, 0.2))
         image_path = f"images/train/{SIGN_READING_SET}/{scene_seed}.png"
         render_scene(scene, image_size).save(root / image_path, format="PNG")
