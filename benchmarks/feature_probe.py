@@ -6,7 +6,7 @@ For each object of the first ``--scenes`` training scenes, the vision tower's hi
 the object's centre is taken from every layer (0 = patch embeddings, 12 = last block); a linear classifier per
 layer is trained on 80% of the objects to predict the object's colour (8 classes) and shape (6 classes) and
 scored on the other 20%. Prints held-out accuracies per layer; the default model reads the best layer
-(``divico.zoo.default_model.VISION_FEATURE_LAYER``).
+(``divico_testbed.default_model.VISION_FEATURE_LAYER``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from divico.data.scenes import COLORS, SHAPES
-from divico.zoo.default_model import VISION_FEATURE_LAYER, build_default_model, default_cache_root
+from divico_testbed.data.scenes import COLORS, SHAPES
+from divico_testbed.default_model import VISION_FEATURE_LAYER, build_default_model, default_cache_root
 
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, classes: int, train_share: float = 0.8) -> float:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from divico.training.data import LlavaJsonDataset
-from divico.zoo.default_model import default_cache_root
-from divico.zoo.recipe import ASSETS_DIR, load_trained_default
+from divico_testbed.default_model import default_cache_root
+from divico_testbed.recipe import ASSETS_DIR, load_trained_default
 
 
 def main() -> None:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from divico.data import load_scenes
-from divico.evaluation.runner import answer_records
+from divico_testbed.data import load_scenes
+from divico_testbed.evaluation import answer_records
 from divico.metrics import extract_option_letter, mmbench_circular_accuracy
-from divico.zoo.default_model import build_default_model
-from divico.zoo.recipe import ASSETS_DIR, load_base
+from divico_testbed.default_model import build_default_model
+from divico_testbed.recipe import ASSETS_DIR, load_base
 from quick_exact_match import first_test_records, resolve_stage
 from text_scene_control import text_scene_predictions
 

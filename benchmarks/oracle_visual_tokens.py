@@ -3,10 +3,10 @@
     python benchmarks/oracle_visual_tokens.py --data DIR [--targets mean|split] [--steps 120] [--eval-at 40]
 
 The projector's output is replaced (a forward hook) by the ground-truth word-embedding targets of every patch,
-what :func:`divico.zoo.recipe.align_projector` trains the projector towards:
+what :func:`divico_testbed.recipe.align_projector` trains the projector towards:
 
 * ``mean``: each patch is the mean input embedding of its words (``red`` + ``square``; ``white`` + ``background``),
-  exactly :func:`divico.zoo.recipe.scene_patch_targets`;
+  exactly :func:`divico_testbed.recipe.scene_patch_targets`;
 * ``split``: each patch is ONE word's embedding, so an object reads like text in raster order: in each row of an
   object's patches the first is its colour word and the rest its shape word (``... background red square square
   background ...``), a sign's patches ``<colour> sign sign``, background patches ``background``.
@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from divico.data import load_scenes
+from divico_testbed.data import load_scenes
 from divico.training.data import LlavaJsonDataset
-from divico.zoo.default_model import build_default_model
-from divico.zoo.recipe import scene_patch_targets, scene_patch_words
+from divico_testbed.default_model import build_default_model
+from divico_testbed.recipe import scene_patch_targets, scene_patch_words
 from quick_exact_match import exact_match_scores, first_test_records
 from text_scene_control import add_lora, control_parser, parse_control_args, train_lora_steps
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from divico.evaluation.runner import answer_records
+from divico_testbed.evaluation import answer_records
 from divico.metrics import exact_match_accuracy
-from divico.zoo.recipe import ASSETS_DIR, load_base
+from divico_testbed.recipe import ASSETS_DIR, load_base
 
 BENCHMARKS = ("pope", "gqa", "mme", "textvqa")
 

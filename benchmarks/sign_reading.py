@@ -4,7 +4,7 @@
 
 Asks every ``ocr`` record of ``<data>/textvqa/<split>.jsonl`` (greedy answers, at most 6 new tokens, bf16
 autocast, the yardstick of ``quick_exact_match.py``) and reports exact match separately for signs that show one
-of the common words (``divico.data.scenes.SIGN_WORDS``) and for random letter/digit strings, with the most
+of the common words (``divico_testbed.data.scenes.SIGN_WORDS``) and for random letter/digit strings, with the most
 frequent answers (a model that has not learnt to read answers one common word to everything). Several
 ``--stage`` folders are compared side by side on the same questions. Uncompressed; ~1 min per stage on 2 CPU
 cores for the validation split's ~70 questions.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from quick_exact_match import exact_match_percent, greedy_predictions, resolve_stage
 
-from divico.data import load_eval_records
-from divico.data.scenes import SIGN_WORDS
-from divico.zoo.recipe import ASSETS_DIR, load_base
+from divico_testbed.data import load_eval_records
+from divico_testbed.data.scenes import SIGN_WORDS
+from divico_testbed.recipe import ASSETS_DIR, load_base
 
 
 def sign_records(data: Path, split: str) -> dict[str, list[dict]]:

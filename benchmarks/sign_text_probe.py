@@ -3,7 +3,7 @@
     python benchmarks/sign_text_probe.py [--scenes 1500] [--font-scale 0.085 ...] [--stage ASSETS_OR_STAGE2_DIR]
 
 Renders ``--scenes`` scenes with one or two signs (seeds outside every benchmark split) at each ``--font-scale``
-(share of the image side; the benchmarks use ``divico.data.scenes.SIGN_FONT_SCALE``), takes the features the
+(share of the image side; the benchmarks use ``divico_testbed.data.scenes.SIGN_FONT_SCALE``), takes the features the
 projector reads (DINOv2 block 7, ``VISION_FEATURE_LAYER``) and, with ``--stage``, also the trained projector's
 output (the LLM's visual tokens). A ridge classifier (dual form, lambda 100, features standardised) is fitted on
 80% of the signs and scored on the other 20%, for two targets:
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from quick_exact_match import resolve_stage
 
-from divico.data.scenes import _SIGN_ALPHABET, GRID_SIZE, SIGN_FONT_SCALE, SIGN_WORDS, generate_scene, render_scene
-from divico.zoo.default_model import VISION_FEATURE_LAYER, build_default_model, num_visual_tokens
-from divico.zoo.recipe import load_base
+from divico_testbed.data.scenes import _SIGN_ALPHABET, GRID_SIZE, SIGN_FONT_SCALE, SIGN_WORDS, generate_scene, render_scene
+from divico_testbed.default_model import VISION_FEATURE_LAYER, build_default_model, num_visual_tokens
+from divico_testbed.recipe import load_base
 
 # Scene seeds far from every benchmark split's (those are < 1.5e8 for seeds 0-2).
 PROBE_SEED_BASE = 10_000_000_000

@@ -25,11 +25,11 @@ import torch
 
 from divico.api import remove_compression
 from divico.config import CompressionConfig
-from divico.data import load_scenes
-from divico.data.benchmarks import build_prompt
+from divico_testbed.data import load_scenes
+from divico_testbed.data.benchmarks import build_prompt
 from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 from divico.training.trainer import TrainingConfig, prepare_model_for_training
-from divico.zoo.default_model import build_default_model
+from divico_testbed.default_model import build_default_model
 from quick_exact_match import BENCHMARKS, exact_match_percent, first_test_records
 
 def text_conversations(data: Path, scenes: dict[str, Any], turns_file: str) -> list[dict[str, Any]]:

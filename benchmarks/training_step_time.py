@@ -17,7 +17,7 @@ from pathlib import Path
 
 from divico.config import CompressionConfig
 from divico.training import TrainingConfig, train
-from divico.zoo.recipe import load_base
+from divico_testbed.recipe import load_base
 
 
 def main() -> None:

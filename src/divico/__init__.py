@@ -6,11 +6,18 @@
 >>> divico.last_report(model).kept_positions
 """
 
-from divico.adapters.base import available_models
-from divico.api import apply_compression, compression_config, get_runtime, last_report, remove_compression
+from divico import adapters, methods  # noqa: F401  (importing them registers every shipped method and adapter)
+from divico.api import (
+    apply_compression,
+    compressed,
+    compression_config,
+    get_runtime,
+    last_report,
+    remove_compression,
+)
+from divico.checkpoint import load_compressor, save_compressor
 from divico.config import CompressionConfig
-from divico.io import load_compressor, save_compressor
-from divico.registry import available_methods, register_method
+from divico.registry import available_methods, available_models, register_adapter, register_method
 from divico.report import CompressionReport
 
 __version__ = "0.1.0"
@@ -21,10 +28,12 @@ __all__ = [
     "apply_compression",
     "available_methods",
     "available_models",
+    "compressed",
     "compression_config",
     "get_runtime",
     "last_report",
     "load_compressor",
+    "register_adapter",
     "register_method",
     "remove_compression",
     "save_compressor",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
-from divico.adapters.base import get_adapter
 from divico.config import CompressionConfig
-from divico.registry import get_method_class
+from divico.registry import get_adapter, get_method_class
 from divico.report import CompressionReport
 from divico.runtime import CompressionRuntime
 
@@ -24,7 +26,8 @@ def get_runtime(model: nn.Module) -> CompressionRuntime | None:
     return getattr(unwrap_model(model), _RUNTIME_ATTR, None)
 
 
-def _require_runtime(model: nn.Module) -> CompressionRuntime:
+def require_runtime(model: nn.Module) -> CompressionRuntime:
+    """The runtime attached by :func:`apply_compression`; a clear error if the model is not compressed."""
     runtime = get_runtime(model)
     if runtime is None:
         raise ValueError(f"{type(unwrap_model(model)).__name__} has no divico compression; call apply_compression.")
@@ -90,7 +93,7 @@ def last_report(model: nn.Module) -> CompressionReport:
     ValueError
         If the model is not compressed or has not run a prefill with visual tokens yet.
     """
-    runtime = _require_runtime(model)
+    runtime = require_runtime(model)
     if runtime.report is None:
         raise ValueError("No prefill with visual tokens has run since apply_compression.")
     return runtime.report
@@ -98,4 +101,28 @@ def last_report(model: nn.Module) -> CompressionReport:
 
 def compression_config(model: nn.Module) -> CompressionConfig:
     """The config the model is compressed with."""
-    return _require_runtime(model).config
+    return require_runtime(model).config
+
+
+@contextmanager
+def compressed(model: nn.Module, config: CompressionConfig) -> Iterator[nn.Module]:
+    """Compress ``model`` for the duration of a ``with`` block; the model is restored on exit, also after an exception.
+
+    >>> with divico.compressed(model, divico.CompressionConfig("fastv", keep_ratio=0.25)) as m:
+    ...     out = m.generate(**inputs)
+
+    Yields
+    ------
+    nn.Module
+        ``model`` itself, compressed.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`apply_compression` (nothing is changed then).
+    """
+    apply_compression(model, config)
+    try:
+        yield model
+    finally:
+        remove_compression(model)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from divico.registry import available_methods
+
 ENCODER_CHOICES = ("variational", "deterministic", "none")
 SCORING_CHOICES = ("sdpa", "full_attention")
 
@@ -59,8 +61,6 @@ class CompressionConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from divico.registry import available_methods  # late import: registry imports methods which import config
-
         if self.method not in available_methods():
             raise ValueError(f"Unknown method {self.method!r}; known methods: {', '.join(available_methods())}.")
         if (self.keep_ratio is None) == (self.keep_tokens is None):
@@ -95,24 +95,14 @@ class CompressionConfig:
             raise ValueError(f"init_sigma must be > 0, got {self.init_sigma!r}.")
 
     def keep_count(self, num_visual: int) -> int:
-        """Visual tokens to keep out of ``num_visual`` (one pool).
+        """Visual tokens to keep out of ``num_visual`` (one pool): :func:`keep_count` with this config's values.
 
         Raises
         ------
         ValueError
             If ``keep_tokens`` exceeds ``num_visual`` (nothing is silently clipped).
         """
-        if num_visual <= 0:
-            return 0
-        if self.keep_tokens is not None:
-            if self.keep_tokens > num_visual:
-                raise ValueError(
-                    f"keep_tokens={self.keep_tokens} exceeds the {num_visual} visual tokens of this sample; "
-                    f"valid range is [1, {num_visual}] (or use keep_ratio)."
-                )
-            return self.keep_tokens
-        assert self.keep_ratio is not None
-        return max(1, round(self.keep_ratio * num_visual))
+        return keep_count(num_visual, keep_tokens=self.keep_tokens, keep_ratio=self.keep_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -131,3 +121,36 @@ class CompressionConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "CompressionConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def keep_count(num_visual: int, keep_tokens: int | None = None, keep_ratio: float | None = None) -> int:
+    """Visual tokens kept out of a pool of ``num_visual``: the one keep-count rule of divico.
+
+    ``keep_tokens`` as given (at most ``num_visual``), or ``max(1, round(keep_ratio * num_visual))``; 0 for an
+    empty pool.
+
+    Raises
+    ------
+    ValueError
+        If both or neither of ``keep_tokens`` / ``keep_ratio`` are given, ``keep_ratio`` is outside (0, 1], or
+        ``keep_tokens`` is < 1 or exceeds ``num_visual``.
+    """
+    if (keep_tokens is None) == (keep_ratio is None):
+        raise ValueError(
+            f"Give exactly one of keep_ratio (in (0, 1]) or keep_tokens (>= 1); got keep_ratio={keep_ratio!r}, "
+            f"keep_tokens={keep_tokens!r}."
+        )
+    if keep_ratio is not None and not 0.0 < float(keep_ratio) <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}.")
+    if keep_tokens is not None and keep_tokens < 1:
+        raise ValueError(f"keep_tokens must be >= 1, got {keep_tokens!r}.")
+    if num_visual <= 0:
+        return 0
+    if keep_tokens is not None:
+        if keep_tokens > num_visual:
+            raise ValueError(
+                f"keep_tokens={keep_tokens} exceeds the {num_visual} visual tokens of this sample; "
+                f"valid range is [1, {num_visual}] (or use keep_ratio)."
+            )
+        return keep_tokens
+    return max(1, round(float(keep_ratio) * num_visual))

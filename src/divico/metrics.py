@@ -2,7 +2,7 @@
 
 Every metric takes model predictions as free text and does its own answer parsing, so the
 evaluation loop only has to decode strings. :func:`score_benchmark` dispatches by benchmark name
-on the eval records written by :mod:`divico.data` (fields ``id``, ``answer``/``answers``,
+on the eval records written by :mod:`divico_testbed.data` (fields ``id``, ``answer``/``answers``,
 ``split_type``, ``subtask``, ``image``, ``circular_group``...).
 
 Conventions
@@ -615,7 +615,7 @@ def score_benchmark(
     predictions : Mapping[str, str] or Sequence[str]
         ``record id -> answer text``, or answers aligned with ``records``.
     records : Sequence[Mapping[str, Any]]
-        Eval records as written by :func:`divico.data.write_benchmark_splits`.
+        Eval records as written by :func:`divico_testbed.data.write_benchmark_splits`.
 
     Returns
     -------

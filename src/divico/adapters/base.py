@@ -8,97 +8,14 @@ family is one adapter file plus one `@register_adapter` line.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import nn
 from transformers import masking_utils
 
-_ADAPTERS: dict[str, type["ModelAdapter"]] = {}
-A = TypeVar("A", bound=type)
-
-
-def register_adapter(cls: A) -> A:
-    """Class decorator: register an adapter for the class names in ``cls.model_classes``."""
-    for name in cls.model_classes:  # type: ignore[attr-defined]
-        _ADAPTERS[name] = cls  # type: ignore[assignment]
-    return cls
-
-
-def _ensure_loaded() -> None:
-    import divico.adapters  # noqa: F401
-
-
-def available_models() -> list[str]:
-    """Class names of the supported transformers models, sorted."""
-    _ensure_loaded()
-    return sorted(_ADAPTERS)
-
-
-def get_adapter(model: nn.Module) -> "ModelAdapter":
-    """Adapter instance for ``model``; a clear error names the supported classes otherwise."""
-    _ensure_loaded()
-    name = type(model).__name__
-    if name not in _ADAPTERS:
-        raise TypeError(
-            f"Unsupported model class {name}; divico supports: {', '.join(sorted(_ADAPTERS))}. "
-            "Pass the top-level *ForConditionalGeneration model (a peft PeftModel wrapping one also works)."
-        )
-    return _ADAPTERS[name](model)
-
-
-def item_offsets(mask: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Assign the True positions of ``mask`` (in batch-major order) to consecutive items of the given sizes.
-
-    Parameters
-    ----------
-    mask
-        (B, N) bool.
-    sizes
-        Token count of each item, in order.
-
-    Returns
-    -------
-    tuple[torch.Tensor, torch.Tensor]
-        Item index and offset inside the item of every True position, each (mask.sum(),) long.
-
-    Raises
-    ------
-    ValueError
-        If the sizes do not add up to the number of True positions.
-    """
-    total = int(mask.sum())
-    if sum(sizes) != total:
-        raise ValueError(f"The prompt has {total} placeholder tokens but its items need {sum(sizes)} ({sizes}).")
-    lengths = torch.tensor(sizes, dtype=torch.long, device=mask.device)
-    item = torch.repeat_interleave(torch.arange(len(sizes), device=mask.device), lengths)
-    starts = lengths.cumsum(0) - lengths
-    offset = torch.arange(total, device=mask.device) - starts[item]
-    return item, offset
-
-
-@dataclass(frozen=True)
-class VisualGrid:
-    """Layout of one visual item (image, video or video frame) in the prompt.
-
-    The item occupies ``prefix + t * h * w`` consecutive placeholder tokens: ``prefix`` tokens that belong to no
-    grid cell (e.g. a CLS token), then a (t, h, w) grid of LLM tokens in row-major order.
-    """
-
-    t: int
-    h: int
-    w: int
-    prefix: int = 0
-
-    @property
-    def size(self) -> int:
-        return self.prefix + self.t * self.h * self.w
-
-
-VisualLayout = list[tuple[torch.Tensor, list[VisualGrid]]]
-"""Per placeholder kind: its (B, N) bool token mask and its items in prompt order (batch-major)."""
+from divico.grids import VisualGrid, VisualLayout, item_offsets, pool_grid_rows, square_grid
 
 
 class MethodWrapHandle:
@@ -126,33 +43,6 @@ def wrap_method(owner: Any, name: str, post: Callable[[Any, tuple, dict], Any]) 
 
     owner.__dict__[name] = wrapped
     return MethodWrapHandle(owner, name)
-
-
-def pool_grid_rows(
-    features: torch.Tensor, grid: VisualGrid, pool: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Pool the grid part of per-item feature rows, keeping prefix tokens as they are.
-
-    Parameters
-    ----------
-    features
-        (n, grid.size, d): one row per item (image or frame), in the token order of :class:`VisualGrid`.
-    grid
-        Layout of every row.
-    pool
-        (n * t, h, w, d) -> (n * t, h', w', d).
-
-    Returns
-    -------
-    torch.Tensor
-        (n, prefix + t * h' * w', d).
-    """
-    if features.dim() != 3 or features.shape[1] != grid.size:
-        raise ValueError(f"Expected features (n, {grid.size}, d) for grid {grid}, got {tuple(features.shape)}.")
-    count, _, dim = features.shape
-    prefix, cells = features[:, : grid.prefix], features[:, grid.prefix:]
-    pooled = pool(cells.reshape(count * grid.t, grid.h, grid.w, dim))
-    return torch.cat([prefix, pooled.reshape(count, -1, dim)], dim=1)
 
 
 @dataclass(frozen=True)
@@ -229,12 +119,10 @@ class ModelAdapter:
 
     def image_grid(self) -> VisualGrid:
         """Layout of one image of a fixed-resolution model (from :meth:`tokens_per_image`)."""
-        per_image = self.tokens_per_image()
-        for prefix in (0, 1):  # a CLS token may lead the patch tokens ("full" feature strategy)
-            side = math.isqrt(per_image - prefix)
-            if side * side == per_image - prefix:
-                return VisualGrid(1, side, side, prefix)
-        raise ValueError(f"{type(self).__name__}: {per_image} tokens per image is not a square patch grid.")
+        try:
+            return square_grid(self.tokens_per_image())
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from error
 
     def visual_grids(
         self, input_ids: torch.Tensor | None, visual: torch.Tensor, model_inputs: Mapping[str, Any]

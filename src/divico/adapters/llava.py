@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from divico.adapters.base import ModelAdapter, register_adapter
+from divico.adapters.base import ModelAdapter
+from divico.registry import register_adapter
 
 
 @register_adapter

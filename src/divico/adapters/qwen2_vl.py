@@ -19,13 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from divico.adapters.base import (
-    ModelAdapter,
-    VisualGrid,
-    VisualLayout,
-    register_adapter,
-    wrap_method,
-)
+from divico.adapters.base import ModelAdapter, wrap_method
+from divico.grids import VisualGrid, VisualLayout
+from divico.registry import register_adapter
 
 _GRID_KEYS = {"image": "image_grid_thw", "video": "video_grid_thw"}
 _TOKEN_TYPES = {"image": 1, "video": 2}  # mm_token_type_ids: 0 text, 1 image, 2 video

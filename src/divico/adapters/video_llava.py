@@ -14,13 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from divico.adapters.base import (
-    ModelAdapter,
-    VisualGrid,
-    VisualLayout,
-    pool_grid_rows,
-    register_adapter,
-)
+from divico.adapters.base import ModelAdapter
+from divico.grids import VisualGrid, VisualLayout, pool_grid_rows
+from divico.registry import register_adapter
 
 
 @register_adapter

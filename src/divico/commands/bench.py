@@ -16,7 +16,23 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-METHOD_CHOICES = ("none", "fastv", "divico", "deco")
+import matplotlib
+import torch
+from tqdm import tqdm
+
+from divico.api import apply_compression, remove_compression
+from divico.config import CompressionConfig
+from divico.efficiency import flops as flops_mod
+from divico.efficiency import measure, presets
+from divico.registry import available_methods, get_method_class
+
+#: The method whose official scoring (full N x N attention at K-1) --reference-fastv adds as a reference row.
+REFERENCE_METHOD = "fastv"
+
+
+def method_choices() -> tuple[str, ...]:
+    """``none`` (the uncompressed model) and every registered method."""
+    return ("none", *available_methods())
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -42,9 +58,9 @@ def _ratio_list(text: str) -> list[float]:
 
 def _method_list(text: str) -> list[str]:
     methods = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = [method for method in methods if method not in METHOD_CHOICES]
+    unknown = [method for method in methods if method not in method_choices()]
     if not methods or unknown:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown or text!r}; valid: {', '.join(METHOD_CHOICES)}")
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or text!r}; valid: {', '.join(method_choices())}")
     return methods
 
 
@@ -59,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="preset (llava-1.5-7b, llava-1.5-13b, tiny-llava: random weights), directory or hub id")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N decoder layers; figures are also extrapolated to full depth")
-    parser.add_argument("--methods", type=_method_list, default=["none", "fastv", "divico", "deco"],
-                        help="comma-separated subset of none,fastv,divico,deco")
+    parser.add_argument("--methods", type=_method_list, default=list(method_choices()),
+                        help=f"comma-separated subset of {','.join(method_choices())} (default: all)")
     keep = parser.add_mutually_exclusive_group()
     keep.add_argument("--keep-ratios", type=_ratio_list, default=None, help="e.g. 0.111,0.25")
     keep.add_argument("--keep-tokens", type=_int_list, default=None, help="e.g. 64,144 (default 64)")
@@ -110,14 +126,14 @@ def _row_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
     if "none" in args.methods:
         plan.append({"name": "none", "method": "none", "scoring": "sdpa", "layer": 0, "keep": None})
     for method in [m for m in args.methods if m != "none"]:
-        layers = [0] if method == "deco" else args.layer_k
-        scorings = ["sdpa", "full_attention"] if (method == "fastv" and args.reference_fastv) else ["sdpa"]
+        layers = args.layer_k if get_method_class(method).level == "layer" else [0]
         for key, value in keeps:
             for layer in layers:
-                for scoring in scorings:
-                    name = method if scoring == "sdpa" else "fastv-ref"
-                    plan.append({"name": name, "method": method, "scoring": scoring, "layer": layer,
-                                 "keep": {key: value}})
+                plan.append({"name": method, "method": method, "scoring": "sdpa", "layer": layer,
+                             "keep": {key: value}})
+                if args.reference_fastv and method == REFERENCE_METHOD:
+                    plan.append({"name": f"{method}-ref", "method": method, "scoring": "full_attention",
+                                 "layer": layer, "keep": {key: value}})
     return plan
 
 
@@ -225,25 +241,28 @@ class _Context:
 
 def _apply(model: Any, plan: dict[str, Any]) -> bool:
     """Attach the plan's compression; returns whether something was attached."""
-    import divico
-
-    if plan["method"] == "none":
+    config = _compression(plan)
+    if config is None:
         return False
-    cfg = divico.CompressionConfig(method=plan["method"], layer=max(plan["layer"], 1), scoring=plan["scoring"],
-                                   **plan["keep"])
-    divico.apply_compression(model, cfg)
+    apply_compression(model, config)
     return True
+
+
+def _compression(plan: dict[str, Any]) -> CompressionConfig | None:
+    """The plan's compression config (None for the uncompressed row)."""
+    if plan["method"] == "none":
+        return None
+    return CompressionConfig(method=plan["method"], layer=max(plan["layer"], 1), scoring=plan["scoring"],
+                             **plan["keep"])
 
 
 def _remove(model: Any, attached: bool) -> None:
     if attached:
-        import divico
-
-        divico.remove_compression(model)
+        remove_compression(model)
 
 
 def _count_kwargs(plan: dict[str, Any]) -> dict[str, Any]:
-    return dict(method=plan["method"], layer=max(plan["layer"], 1), scoring=plan["scoring"], **(plan["keep"] or {}))
+    return dict(compression=_compression(plan))
 
 
 def _static_row(plan: dict[str, Any], ctx: _Context) -> dict[str, Any]:
@@ -332,7 +351,8 @@ def _summarise_timing(row: dict[str, Any], ctx: _Context) -> None:
     row["per_layer_s"] = per_layer
     # Sum of per-layer medians: less sensitive than the total to stalls on a shared machine.
     row["llm_layers_s"] = sum(per_layer)
-    first_short = 0 if row["method"] in ("none", "deco") else row["layer"]
+    config = _compression(row)
+    first_short = 0 if config is None else get_method_class(config.method)(config).first_compressed_layer
     per_short_layer = _median(per_layer[first_short:] or per_layer)
     row["llm_prefill_full_depth_s"] = (llm_only.median
                                        + (ctx.full_depth - len(ctx.decoder_layers)) * per_short_layer)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+import torch
+
+from divico.config import CompressionConfig
+from divico.models import load_model_and_processor
+from divico.registry import trainable_methods
+from divico.training import DataError, TrainingConfig, train
+from divico.training.trainer import PAPER_KEEP_RATIO
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,11 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", required=True,
-                        help="model folder or hub id (from_pretrained), or 'default' for divico's default model")
+                        help="model folder or hub id (from_pretrained), or a registered name such as 'default' (the "
+                        "testbed's default model)")
     parser.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
     parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--output", required=True, help="output folder for the trained parts and checkpoints")
-    parser.add_argument("--method", default="divico", choices=("divico", "fastv", "deco"),
+    parser.add_argument("--method", default="divico", choices=trainable_methods(),
                         help="compression method to train (default: divico)")
     parser.add_argument("--encoder", default="variational", choices=("variational", "deterministic", "none"),
                         help="DiViCo's gap encoder: variational (paper), deterministic (Fig. 8 b), none (Fig. 8 a)")
@@ -63,29 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_model_and_processor(name: str, bf16: bool) -> tuple:
-    """``(model, processor)`` from divico's default model, a local folder or a hub id."""
-    import torch
-
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    if name == "default":
-        from divico.zoo import build_default_model
-
-        return build_default_model(torch_dtype=dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(name)
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
-    return model, processor
-
-
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    from divico.config import CompressionConfig
-    from divico.training import DataError, TrainingConfig, train
-    from divico.training.trainer import PAPER_KEEP_RATIO
-
     try:
         given = args.keep_ratio is not None or args.keep_tokens is not None
         keep_ratio = args.keep_ratio if given else PAPER_KEEP_RATIO
@@ -104,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             save_steps=args.save_steps, dataloader_num_workers=args.num_workers, skip_invalid=args.skip_invalid,
             resume=not args.no_resume, init_from=args.init_from, show_progress=not args.no_progress,
         )
-        model, processor = load_model_and_processor(args.model, args.bf16)
+        model, processor = load_model_and_processor(args.model, torch.bfloat16 if args.bf16 else torch.float32)
         result = train(model, processor, config)
     except (DataError, FileNotFoundError, ValueError, TypeError) as error:
         print(f"divico train: {error}", file=sys.stderr)

@@ -16,9 +16,11 @@ Conventions (the same as ``torch.utils.flop_counter.FlopCounterMode``, so the tw
 * The vision tower attends bidirectionally over its patches + CLS (always dense). LLaVA runs every
   vision layer even though it reads layer -2 (measured here with ``FlopCounterMode``).
 
-Token counts per LLM layer follow the engine's semantics: with ``fastv`` and ``divico`` layers ``< K``
-see all ``N`` tokens and layers ``>= K`` see ``N - Nv + k``; with ``deco`` every layer sees
-``N - Nv + k`` (the patch grid is pooled before the LLM); ``none`` keeps ``N`` everywhere.
+Everything method-specific comes from the registered method itself (:class:`divico.methods.CompressionMethod`):
+the visual tokens it keeps, the tokens each decoder layer processes (layer-level methods: layers ``< K`` see all
+``N`` tokens, layers ``>= K`` see ``N - Nv + k``; input-level methods such as DeCo: every layer sees ``N - Nv + k``),
+the tokens the projector maps and the FLOPs it adds (scoring, DiViCo's g_theta). ``"none"`` is the uncompressed
+model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from divico.config import CompressionConfig, keep_count
 from divico.efficiency.presets import PromptShape
+from divico.methods.base import CompressionMethod, TextShape
+from divico.registry import available_methods, get_method_class
 
 __all__ = [
     "METHODS",
@@ -39,7 +44,9 @@ __all__ = [
     "resolve_keep_tokens",
 ]
 
-METHODS: tuple[str, ...] = ("none", "fastv", "divico", "deco")
+#: "none" (the uncompressed model) and every method registered when this module was imported; the live list is
+#: ``("none", *divico.available_methods())``, which :func:`count_flops` accepts.
+METHODS: tuple[str, ...] = ("none", *available_methods())
 AttentionConvention = Literal["causal", "dense"]
 
 
@@ -176,12 +183,12 @@ def _check_count(name: str, value: Any, minimum: int = 0) -> int:
 
 
 def resolve_keep_tokens(visual_tokens: int, keep_tokens: int | None = None, keep_ratio: float | None = None) -> int:
-    """Visual tokens kept per sample from a count or a ratio.
+    """Visual tokens kept per sample from a count or a ratio (the engine's rule, :func:`divico.config.keep_count`).
 
     Parameters
     ----------
     visual_tokens : int
-        ``Nv``.
+        ``Nv``, at least 1.
     keep_tokens : int, optional
         Kept count, ``1 <= keep_tokens <= Nv``.
     keep_ratio : float, optional
@@ -194,15 +201,7 @@ def resolve_keep_tokens(visual_tokens: int, keep_tokens: int | None = None, keep
     _check_count("visual_tokens", visual_tokens, 1)
     if (keep_tokens is None) == (keep_ratio is None):
         raise ValueError("give exactly one of keep_tokens and keep_ratio")
-    if keep_tokens is not None:
-        _check_count("keep_tokens", keep_tokens, 1)
-        if keep_tokens > visual_tokens:
-            raise ValueError(f"keep_tokens={keep_tokens} exceeds the {visual_tokens} visual tokens")
-        return keep_tokens
-    assert keep_ratio is not None
-    if not 0.0 < float(keep_ratio) <= 1.0:
-        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    return max(1, min(visual_tokens, round(visual_tokens * float(keep_ratio))))
+    return keep_count(visual_tokens, keep_tokens=keep_tokens, keep_ratio=keep_ratio)
 
 
 def _text_shapes(text_config: Any) -> dict[str, int]:
@@ -296,6 +295,7 @@ def count_flops(
     num_layers: int | None = None,
     deco_pool_before_projector: bool = True,
     vision_layers_run: int | None = None,
+    compression: CompressionConfig | None = None,
 ) -> FlopsBreakdown:
     """Analytic FLOPs of one prefill forward pass of a LLaVA-style model.
 
@@ -305,85 +305,69 @@ def count_flops(
         Needs ``vision_config``, ``text_config`` and ``vision_feature_layer``.
     prompt : PromptShape
         Token counts; ``prompt.visual_tokens_per_image`` sets the vision tower's patch count.
-    method : {"none", "fastv", "divico", "deco"}
+    method : str
+        ``"none"`` (uncompressed) or a registered method name (``divico.available_methods()``).
     keep_tokens, keep_ratio
-        Visual tokens kept per sample (exactly one, except for ``none``); for ``deco`` per image, as in
-        ``divico.CompressionConfig``.
+        Visual tokens kept per sample (exactly one, except for ``none``), as in ``divico.CompressionConfig``
+        (for input-level methods such as ``deco``: per image).
     layer : int
-        Compression layer K, ``1 <= K < num_layers`` (fastv/divico).
+        Compression layer K, ``1 <= K < num_layers`` (layer-level methods).
     scoring : {"sdpa", "full_attention"}
-        How fastv/divico score tokens (see :class:`FlopsBreakdown.scoring`).
+        How score-based methods rank tokens (see :class:`FlopsBreakdown.scoring`).
     attention : {"causal", "dense"}
         Attention-FLOPs convention (see the module docstring); ``"dense"`` matches FlopCounterMode.
     lm_head : {"last", "all"}
         Logits for the last position only (generation) or for all positions (``logits_to_keep=0``).
     compressor_hidden : int, optional
-        g_theta's hidden width ``h`` (default: the LLM hidden size).
+        DiViCo's g_theta hidden width (``CompressionConfig.encoder_hidden_size``; default: its own default).
     deterministic : bool
         DiViCo's deterministic variant (g_theta's last layer outputs ``d``, not ``2d``).
     num_layers : int, optional
         Count this many decoder layers instead of the config's (full-depth extrapolation).
     deco_pool_before_projector : bool
-        Whether DeCo pools before the projector (projector on ``k`` tokens) or after (on ``Nv``).
+        Whether an input-level method pools before the projector (projector on ``k`` tokens) or after (on ``Nv``).
     vision_layers_run : int, optional
         Vision encoder layers that run (default: all).
+    compression : CompressionConfig, optional
+        The full compression config; when given, ``method``, ``keep_*``, ``layer``, ``scoring``,
+        ``compressor_hidden`` and ``deterministic`` are taken from it instead.
 
     Returns
     -------
     FlopsBreakdown
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if attention not in ("causal", "dense"):
         raise ValueError(f"attention must be 'causal' or 'dense', got {attention!r}")
     if lm_head not in ("last", "all"):
         raise ValueError(f"lm_head must be 'last' or 'all', got {lm_head!r}")
-    if scoring not in ("sdpa", "full_attention"):
-        raise ValueError(f"scoring must be 'sdpa' or 'full_attention', got {scoring!r}")
     if not isinstance(prompt, PromptShape):
         raise TypeError(f"prompt must be a PromptShape, got {type(prompt).__name__}")
+    compressor = _method_for(compression, method, keep_tokens, keep_ratio, layer, scoring, compressor_hidden,
+                             deterministic)
     shapes = _text_shapes(config.text_config)
     depth = shapes["layers"] if num_layers is None else _check_count("num_layers", num_layers, 1)
     visual = prompt.visual_tokens
-    if method == "none":
-        kept = visual
-        compress_at = 0
-    elif method == "deco":
-        # DeCo pools every image's grid on its own: keep_tokens / keep_ratio are per image (as in the engine).
-        kept = prompt.images * resolve_keep_tokens(prompt.visual_tokens_per_image, keep_tokens, keep_ratio)
-        compress_at = 0
-    else:
-        kept = resolve_keep_tokens(visual, keep_tokens, keep_ratio)
-        compress_at = _check_count("layer", layer, 1)
-        if compress_at >= depth:
-            raise ValueError(f"layer must be in [1, {depth - 1}] for a {depth}-layer LLM, got {layer!r}")
     batch = prompt.batch_size
     full_len = prompt.seq_len
-    short_len = full_len - visual + kept
+    if compressor is None:
+        kept, compress_at, name = visual, 0, "none"
+        tokens_per_layer = [full_len] * depth
+        overhead: dict[str, int] = {}
+        projected_tokens = visual
+    else:
+        name = compressor.name
+        compress_at = compressor.first_compressed_layer
+        if compressor.level == "layer" and compress_at >= depth:
+            raise ValueError(f"layer must be in [1, {depth - 1}] for a {depth}-layer LLM, got {compress_at!r}")
+        kept = compressor.kept_visual_tokens(prompt.images, prompt.visual_tokens_per_image)
+        tokens_per_layer = compressor.tokens_per_layer(depth, full_len, visual, kept)
+        text_shape = TextShape(shapes["hidden"], shapes["heads"], shapes["head_dim"])
+        overhead = compressor.overhead_flops(text_shape, full_len, kept)
+        projected_tokens = compressor.projector_tokens(visual, kept) if deco_pool_before_projector else visual
+    llm_layers = [_decoder_layer(index, tokens, tokens, shapes, attention, batch)
+                  for index, tokens in enumerate(tokens_per_layer)]
 
-    llm_layers = []
-    for index in range(depth):
-        tokens = full_len if (method in ("none",) or (method != "deco" and index < compress_at)) else short_len
-        llm_layers.append(_decoder_layer(index, tokens, tokens, shapes, attention, batch))
-
-    d, hd, heads = shapes["hidden"], shapes["head_dim"], shapes["heads"]
-    scoring_flops = 0
-    compressor_flops = 0
-    if method in ("fastv", "divico"):
-        if scoring == "sdpa":
-            # One (B, H, 1, N) product of the last prompt token's query with every key.
-            scoring_flops = batch * 2 * heads * hd * full_len
-        else:
-            # The FastV-style reference multiplies every query row with every key: (B, H, N, N) logits,
-            # on top of the layer's own attention (the weighted sum is not recomputed).
-            scoring_flops = batch * 2 * heads * hd * full_len * full_len
-    if method == "divico":
-        hidden = d if compressor_hidden is None else _check_count("compressor_hidden", compressor_hidden, 1)
-        out_features = d if deterministic else 2 * d
-        # g_theta on the kept tokens, plus the mean of the removed tokens, computed as one (1, N) x (N, d)
-        # product per sample over the whole sequence (a 0/1 weight row).
-        compressor_flops = batch * kept * 2 * (2 * d * hidden + hidden * out_features) + batch * 2 * full_len * d
-
+    d = shapes["hidden"]
     vision = config.vision_config
     feature_layer = getattr(config, "vision_feature_layer", -1)
     feature_layers = 1 if isinstance(feature_layer, int) else len(feature_layer)
@@ -391,7 +375,6 @@ def count_flops(
     patches = prompt.visual_tokens_per_image - (1 if strategy == "full" else 0)
     vision_flops = batch * _vision_flops(vision, patches, prompt.images, vision_layers_run)
     vision_out = int(vision.hidden_size) * feature_layers
-    projected_tokens = kept if (method == "deco" and deco_pool_before_projector) else visual
     projector = batch * projected_tokens * 2 * (vision_out * d + d * d)
 
     last_tokens = llm_layers[-1].tokens
@@ -399,7 +382,7 @@ def count_flops(
     lm_head_flops = batch * head_positions * 2 * d * shapes["vocab"]
     paper = batch * sum(paper_eq10_layer(layer_.tokens, d, shapes["mlp"]) for layer_ in llm_layers)
     return FlopsBreakdown(
-        method=method,
+        method=name,
         keep_tokens=kept,
         layer=compress_at,
         attention_convention=attention,
@@ -407,11 +390,38 @@ def count_flops(
         vision_tower=vision_flops,
         projector=projector,
         llm_layers=llm_layers,
-        scoring=scoring_flops,
-        compressor=compressor_flops,
+        scoring=batch * overhead.get("scoring", 0),
+        compressor=batch * sum(value for key, value in overhead.items() if key != "scoring"),
         lm_head=lm_head_flops,
         paper_eq10=paper,
     )
+
+
+def _method_for(
+    compression: CompressionConfig | None,
+    method: str,
+    keep_tokens: int | None,
+    keep_ratio: float | None,
+    layer: int,
+    scoring: str,
+    compressor_hidden: int | None,
+    deterministic: bool,
+) -> CompressionMethod | None:
+    """The registered method instance to account for (None: the uncompressed model)."""
+    if compression is None:
+        if method == "none":
+            return None
+        if method not in available_methods():
+            raise ValueError(f"unknown method {method!r}; valid methods: none, {', '.join(available_methods())}")
+        if compressor_hidden is not None:
+            _check_count("compressor_hidden", compressor_hidden, 1)
+        compression = CompressionConfig(
+            method=method, keep_tokens=keep_tokens, keep_ratio=keep_ratio, layer=layer, scoring=scoring,
+            encoder="deterministic" if deterministic else "variational", encoder_hidden_size=compressor_hidden,
+        )
+    elif not isinstance(compression, CompressionConfig):
+        raise TypeError(f"compression must be a divico.CompressionConfig, got {type(compression).__name__}")
+    return get_method_class(compression.method)(compression)
 
 
 def decode_step_flops(config: Any, cache_tokens: list[int], batch_size: int = 1,

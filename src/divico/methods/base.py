@@ -1,17 +1,43 @@
-"""Base classes of compression methods (one subclass per file, registered with `@register_method`)."""
+"""Base classes of compression methods (one subclass per file, registered with `@register_method`).
+
+A method owns everything about itself: where it acts (``level``), whether it needs the engine's attention scores,
+whether ``divico train`` can train it, its display name, which tokens it keeps and how it builds the compressed
+sequence, its trainable parts, and its accounting — visual tokens kept, tokens each decoder layer processes and the
+FLOPs it adds on top of the model (:meth:`CompressionMethod.overhead_flops`). :mod:`divico.efficiency`, ``divico
+bench``, ``train`` and the demo read these through the registry and never switch on a method's name.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
+from divico.adapters.base import ModelAdapter
 from divico.config import CompressionConfig
+from divico.grids import VisualGrid, square_grid
 from divico.selection import TokenSelection, top_k_keep_mask
 
-if TYPE_CHECKING:
-    from divico.adapters.base import ModelAdapter, VisualGrid
+
+@dataclass(frozen=True)
+class TextShape:
+    """Sizes of the LLM that a method's FLOPs depend on.
+
+    Attributes
+    ----------
+    hidden_size
+        d.
+    num_heads
+        Query heads.
+    head_dim
+        Features per head.
+    """
+
+    hidden_size: int
+    num_heads: int
+    head_dim: int
 
 
 class CompressionMethod:
@@ -20,20 +46,104 @@ class CompressionMethod:
     ``level="layer"`` methods act between decoder layers K-1 and K: the engine scores tokens, the method picks
     the kept set (:meth:`select`) and builds the compressed hidden states (:meth:`compress`).
     ``level="input"`` methods change the visual tokens before the LLM (see :class:`InputCompressionMethod`).
+
+    Class attributes
+    ----------------
+    name
+        Registry name (set by ``@register_method``).
+    display_name
+        Name in tables and plots (e.g. ``"FastV"``).
+    level
+        ``"layer"`` (acts at layer K) or ``"input"`` (before the LLM).
+    needs_scores
+        The engine computes the last prompt token's attention at layer K-1 for :meth:`select`.
+    trainable
+        ``divico train`` can train it (its modules from :meth:`trainable_modules`, LoRA, or both).
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     level: ClassVar[Literal["layer", "input"]] = "layer"
     needs_scores: ClassVar[bool] = True
+    trainable: ClassVar[bool] = True
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
 
-    def build_compressor(self, adapter: "ModelAdapter") -> nn.Module | None:
+    @classmethod
+    def title(cls) -> str:
+        """Display name (``display_name``, else the registry name)."""
+        return cls.display_name or cls.name
+
+    # --- accounting (analytic: no model needed) ---------------------------------------------------------------
+    @property
+    def first_compressed_layer(self) -> int:
+        """Index of the first decoder layer that sees the compressed sequence (K; 0 for input-level methods)."""
+        return self.config.layer if self.level == "layer" else 0
+
+    def kept_visual_tokens(self, images: int, tokens_per_image: int) -> int:
+        """Visual tokens per sample after compression, for ``images`` images of ``tokens_per_image`` tokens each.
+
+        Layer-level methods keep :meth:`CompressionConfig.keep_count` of the sample's pool (of each image with
+        ``per_frame_keep``), the rule :meth:`select` applies.
+
+        Raises
+        ------
+        ValueError
+            If the keep count exceeds the visual tokens (nothing is silently clipped).
+        """
+        if self.config.per_frame_keep:
+            return images * self.config.keep_count(tokens_per_image)
+        return self.config.keep_count(images * tokens_per_image)
+
+    def tokens_per_layer(self, num_layers: int, seq_len: int, visual_tokens: int, kept_visual: int) -> list[int]:
+        """Tokens per sample each of the ``num_layers`` decoder layers processes in a prefill.
+
+        Parameters
+        ----------
+        num_layers
+            Decoder layers counted.
+        seq_len
+            Prompt length N before compression.
+        visual_tokens, kept_visual
+            Visual tokens per sample before and after compression.
+        """
+        first = self.first_compressed_layer
+        short = seq_len - visual_tokens + kept_visual
+        return [seq_len if index < first else short for index in range(num_layers)]
+
+    def projector_tokens(self, visual_tokens: int, kept_visual: int) -> int:
+        """Visual tokens the multimodal projector maps per sample (layer-level methods: all of them)."""
+        return visual_tokens
+
+    def overhead_flops(self, shape: TextShape, seq_len: int, kept_visual: int) -> dict[str, int]:
+        """FLOPs per sample this method adds to a prefill, by part (``"scoring"``, ``"compressor"``, ...).
+
+        Same convention as :mod:`divico.efficiency.flops`: matrix products only, a multiply-add = 2 FLOPs.
+        The base counts the engine's scoring for methods that need scores: one (H, 1, N) product of the last
+        prompt token's query with every key (``scoring="sdpa"``), or the full (H, N, N) logits of the FastV-style
+        reference (``"full_attention"``), each beside the layer's own attention.
+
+        Parameters
+        ----------
+        shape
+            The LLM's sizes.
+        seq_len
+            Prompt length N before compression.
+        kept_visual
+            Visual tokens kept per sample.
+        """
+        if self.level != "layer" or not self.needs_scores:
+            return {}
+        per_key = 2 * shape.num_heads * shape.head_dim
+        rows = 1 if self.config.scoring == "sdpa" else seq_len
+        return {"scoring": per_key * rows * seq_len}
+
+    def build_compressor(self, adapter: ModelAdapter) -> nn.Module | None:
         """Trainable module this method adds to the model (attached as ``model.divico_compressor``), or None."""
         return None
 
-    def trainable_modules(self, adapter: "ModelAdapter", compressor: nn.Module | None) -> dict[str, nn.Module]:
+    def trainable_modules(self, adapter: ModelAdapter, compressor: nn.Module | None) -> dict[str, nn.Module]:
         """Modules whose weights :func:`divico.save_compressor` writes, keyed by a stable name."""
         return {} if compressor is None else {"compressor": compressor}
 
@@ -92,14 +202,20 @@ class InputCompressionMethod(CompressionMethod):
     level: ClassVar[Literal["layer", "input"]] = "input"
     needs_scores: ClassVar[bool] = False
 
+    def kept_visual_tokens(self, images: int, tokens_per_image: int) -> int:
+        """Each image's square patch grid (plus a CLS token, if any) pooled to :meth:`pooled_grid`."""
+        return images * self.pooled_grid(square_grid(tokens_per_image)).size
+
+    def projector_tokens(self, visual_tokens: int, kept_visual: int) -> int:
+        """Pooling happens before the projector, which maps only the kept tokens."""
+        return kept_visual
+
     def pooled_size(self, height: int, width: int) -> tuple[int, int]:
         """(h', w') a (height x width) patch grid (one image or frame) is reduced to."""
         raise TypeError(f"{type(self).__name__} must define pooled_size().")
 
-    def pooled_grid(self, grid: "VisualGrid") -> "VisualGrid":
+    def pooled_grid(self, grid: VisualGrid) -> VisualGrid:
         """Layout of an item after compression: prefix tokens stay, each temporal slice is pooled."""
-        from divico.adapters.base import VisualGrid
-
         height, width = self.pooled_size(grid.h, grid.w)
         return VisualGrid(grid.t, height, width, grid.prefix)
 

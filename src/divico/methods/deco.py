@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from divico.adapters.base import ModelAdapter
 from divico.methods.base import InputCompressionMethod
 from divico.registry import register_method
-
-if TYPE_CHECKING:
-    from divico.adapters.base import ModelAdapter
 
 
 def pooled_grid(num_tokens: int, grid_height: int, grid_width: int) -> tuple[int, int]:
@@ -43,6 +40,8 @@ def pooled_grid(num_tokens: int, grid_height: int, grid_width: int) -> tuple[int
 @register_method("deco")
 class DeCo(InputCompressionMethod):
     """Pool the patch grid of every image (every frame of a video) to k = h x w tokens; the projector is trained."""
+
+    display_name = "DeCo"
 
     def pooled_size(self, height: int, width: int) -> tuple[int, int]:
         """Pooled grid of one image / frame: ``keep_tokens`` cells (or ``keep_ratio`` of them) as h' x w'.
@@ -78,5 +77,5 @@ class DeCo(InputCompressionMethod):
         pooled = F.adaptive_avg_pool2d(cells.permute(0, 3, 1, 2), target)
         return pooled.permute(0, 2, 3, 1)
 
-    def trainable_modules(self, adapter: "ModelAdapter", compressor: nn.Module | None) -> dict[str, nn.Module]:
+    def trainable_modules(self, adapter: ModelAdapter, compressor: nn.Module | None) -> dict[str, nn.Module]:
         return {"projector": adapter.projector()}

@@ -4,17 +4,14 @@ information gap left by the removed visual tokens."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from divico.methods.base import CompressionMethod
+from divico.adapters.base import ModelAdapter
+from divico.methods.base import CompressionMethod, TextShape
 from divico.registry import register_method
 from divico.selection import TokenSelection
-
-if TYPE_CHECKING:
-    from divico.adapters.base import ModelAdapter
 
 
 class GapEncoder(nn.Module):
@@ -100,13 +97,32 @@ def gaussian_kl(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
 class DiViCo(CompressionMethod):
     """v_c = v_s + g_theta(concat(v_s, mean(v_r))) for each kept visual token (``encoder="none"``: selection only)."""
 
-    def build_compressor(self, adapter: "ModelAdapter") -> nn.Module | None:
+    display_name = "DiViCo"
+
+    def encoder_width(self, hidden_size: int) -> int:
+        """g_theta's hidden width for an LLM of hidden size d (``encoder_hidden_size``, default d)."""
+        return self.config.encoder_hidden_size or hidden_size
+
+    def overhead_flops(self, shape: TextShape, seq_len: int, kept_visual: int) -> dict[str, int]:
+        """Scoring, plus g_theta on the kept tokens and the mean of the removed ones.
+
+        g_theta: (2d -> h) and (h -> 2d, or d for the deterministic encoder) on each of the k kept tokens. The mean
+        of the removed tokens is one (1, N) x (N, d) product per sample over the whole sequence (a 0/1 weight row).
+        """
+        flops = super().overhead_flops(shape, seq_len, kept_visual)
+        if self.config.encoder != "none":
+            d, width = shape.hidden_size, self.encoder_width(shape.hidden_size)
+            out_features = 2 * d if self.config.encoder == "variational" else d
+            flops["compressor"] = kept_visual * 2 * (2 * d * width + width * out_features) + 2 * seq_len * d
+        return flops
+
+    def build_compressor(self, adapter: ModelAdapter) -> nn.Module | None:
         if self.config.encoder == "none":
             return None
         hidden = adapter.hidden_size()
         return GapEncoder(
             hidden_size=hidden,
-            encoder_hidden_size=self.config.encoder_hidden_size or hidden,
+            encoder_hidden_size=self.encoder_width(hidden),
             variational=self.config.encoder == "variational",
             init_sigma=self.config.init_sigma,
         )

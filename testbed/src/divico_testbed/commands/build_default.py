@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from divico.zoo import PackagedWeightsMissingError, build_default_model, default_model_dir, num_visual_tokens
+    from divico_testbed import PackagedWeightsMissingError, build_default_model, default_model_dir, num_visual_tokens
 
     try:
         model_dir = default_model_dir(args.image_size, args.cache_dir)

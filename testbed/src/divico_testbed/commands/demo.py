@@ -30,12 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from divico.demo import DemoConfig, run_demo
+    from divico_testbed.demo import DemoConfig, run_demo
 
     if args.slice_out is not None:
         import json
 
-        from divico.demo import demo_slice
+        from divico_testbed.demo import demo_slice
 
         result = demo_slice(assets_dir=args.assets, data_dir=args.data, show_progress=not args.no_progress)
         args.slice_out.parent.mkdir(parents=True, exist_ok=True)

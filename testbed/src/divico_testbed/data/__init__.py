@@ -4,7 +4,7 @@
 LLaVA-format training conversations; ``load_eval_records`` and ``build_prompt`` feed evaluation.
 """
 
-from divico.data.benchmarks import (
+from divico_testbed.data.benchmarks import (
     BENCHMARKS,
     DATA_FORMAT,
     DEFAULT_SIZES,
@@ -25,7 +25,7 @@ from divico.data.benchmarks import (
     write_multiturn_training,
     write_sign_reading_training,
 )
-from divico.data.scenes import Scene, SceneObject, Sign, generate_scene, render_scene
+from divico_testbed.data.scenes import Scene, SceneObject, Sign, generate_scene, render_scene
 
 __all__ = [
     "BENCHMARKS",

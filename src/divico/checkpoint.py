@@ -1,4 +1,5 @@
-"""Save and load only what divico trains (compressor, and the projector for DeCo): safetensors + JSON."""
+"""Compressor checkpoints: save and load only what divico trains (compressor, DeCo's projector, LoRA) as
+safetensors + JSON (never pickle)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from divico.api import _require_runtime, apply_compression, get_runtime, unwrap_model
+from divico.api import apply_compression, get_runtime, require_runtime, unwrap_model
 from divico.config import CompressionConfig
+from divico.lora import LORA_DIR, has_lora, load_lora, save_lora
+from divico.registry import get_adapter
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "compressor.safetensors"
@@ -19,7 +22,7 @@ FORMAT_VERSION = 1
 
 
 def _model_facts(model: nn.Module) -> dict[str, Any]:
-    runtime = _require_runtime(model)
+    runtime = require_runtime(model)
     base = unwrap_model(model)
     return {
         "model_class": type(base).__name__,
@@ -31,7 +34,7 @@ def _model_facts(model: nn.Module) -> dict[str, Any]:
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors of the modules the method trains, keyed ``<module name>.<parameter name>``."""
-    runtime = _require_runtime(model)
+    runtime = require_runtime(model)
     state: dict[str, torch.Tensor] = {}
     for name, module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).items():
         for key, tensor in module.state_dict().items():
@@ -50,7 +53,7 @@ def save_compressor(model: nn.Module, directory: str | Path) -> Path:
     Path
         The directory.
     """
-    runtime = _require_runtime(model)
+    runtime = require_runtime(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "compression": runtime.config.to_dict(), **_model_facts(model)}
@@ -87,8 +90,6 @@ def load_compressor(model: nn.Module, directory: str | Path) -> nn.Module:
     meta = read_saved_config(directory)
     config = CompressionConfig.from_dict(meta["compression"])
     base = unwrap_model(model)
-    from divico.adapters.base import get_adapter
-
     adapter = get_adapter(base)
     if meta["model_class"] != type(base).__name__:
         raise ValueError(
@@ -110,7 +111,7 @@ def load_compressor(model: nn.Module, directory: str | Path) -> nn.Module:
     runtime = get_runtime(base)
     if runtime is None:
         apply_compression(model, config)
-        runtime = _require_runtime(model)
+        runtime = require_runtime(model)
     elif runtime.config.method != config.method or runtime.config.encoder != config.encoder:
         raise ValueError(
             f"Compressor at {directory} is for method={config.method!r} (encoder={config.encoder!r}), but the model "
@@ -125,103 +126,4 @@ def load_compressor(model: nn.Module, directory: str | Path) -> nn.Module:
         prefix = f"{name}."
         module_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(module_state, strict=True)
-    return model
-
-
-# --- LoRA adapters (peft) ------------------------------------------------------------------------------------------
-LORA_DIR = "lora"
-LORA_WEIGHTS_NAME = "adapter_model.safetensors"
-LORA_CONFIG_NAME = "adapter_config.json"
-LORA_ADAPTER_NAME = "default"
-
-
-def has_lora(model: nn.Module) -> bool:
-    """True when the (unwrapped) model holds peft LoRA layers with a ``peft_config``."""
-    from peft.tuners.lora import LoraLayer
-
-    base = unwrap_model(model)
-    return getattr(base, "peft_config", None) is not None and any(isinstance(m, LoraLayer) for m in base.modules())
-
-
-def save_lora(model: nn.Module, directory: str | Path) -> dict[str, Any]:
-    """Write the model's LoRA adapter in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``).
-
-    Returns
-    -------
-    dict
-        What ``config.json`` records about the adapter (folder, rank, target modules, tensor count).
-    """
-    from peft import get_peft_model_state_dict
-
-    base = unwrap_model(model)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    lora_config = base.peft_config[LORA_ADAPTER_NAME]
-    lora_config.base_model_name_or_path = getattr(base.config, "_name_or_path", "") or None
-    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(base).items()}
-    save_file(state, str(out / LORA_WEIGHTS_NAME), metadata={"format": "pt"})
-    lora_config.save_pretrained(str(out))
-    target = lora_config.target_modules
-    return {
-        "path": LORA_DIR,
-        "r": int(lora_config.r),
-        "lora_alpha": float(lora_config.lora_alpha),
-        "target_modules": target if isinstance(target, str) else sorted(target or []),
-        "num_tensors": len(state),
-    }
-
-
-def load_lora(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Inject (if needed) and load a LoRA adapter written by :func:`save_lora`.
-
-    LoRA is injected *under* the compression hooks: if the model is already compressed, the compression is
-    removed and re-applied with the same config, so layer K-1's scoring hooks see the LoRA-adapted q/k projections.
-    ``requires_grad`` of existing parameters is left as it was.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the adapter files are missing.
-    ValueError
-        If the adapter does not fit the model (other layer names or shapes).
-    """
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-
-    from divico.api import remove_compression
-
-    folder = Path(directory)
-    for name in (LORA_WEIGHTS_NAME, LORA_CONFIG_NAME):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"LoRA adapter incomplete: {folder / name} is missing.")
-    base = unwrap_model(model)
-    state = load_file(str(folder / LORA_WEIGHTS_NAME))
-    if not has_lora(model):
-        runtime = get_runtime(base)
-        config = runtime.config if runtime is not None else None
-        if config is not None:
-            remove_compression(model)
-        requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
-        lora_config = LoraConfig.from_pretrained(str(folder))
-        try:
-            inject_adapter_in_model(lora_config, base, adapter_name=LORA_ADAPTER_NAME)
-        except ValueError as error:
-            raise ValueError(f"LoRA adapter at {folder} does not fit {type(base).__name__}: {error}") from error
-        for name, parameter in base.named_parameters():
-            if name in requires_grad:
-                parameter.requires_grad_(requires_grad[name])
-        if config is not None:
-            apply_compression(model, config)
-    reference = next(p for n, p in base.named_parameters() if "lora_" in n)
-    state = {k: v.to(device=reference.device, dtype=reference.dtype) for k, v in state.items()}
-    try:
-        result = set_peft_model_state_dict(base, state, adapter_name=LORA_ADAPTER_NAME)
-    except RuntimeError as error:  # size mismatch: adapter trained on another base model
-        raise ValueError(f"LoRA adapter at {folder} does not fit this model: {error}") from error
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing_lora = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
-    if unexpected or missing_lora:
-        raise ValueError(
-            f"LoRA adapter at {folder} does not match this model's LoRA layers: unexpected {unexpected[:3]}, "
-            f"missing {missing_lora[:3]} (was it trained on another base model?)."
-        )
     return model

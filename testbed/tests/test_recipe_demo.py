@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_models import IMAGE_SIZE, sample, tiny_llava
 
-from divico.demo import format_table1, format_table3, relative_improvement
-from divico.zoo.recipe import (
+from divico_testbed.demo import format_table1, format_table3, relative_improvement
+from divico_testbed.recipe import (
     RecipeConfig,
     align_projector,
     calibrate_projector,
@@ -78,7 +78,7 @@ def _row(method, tag, scores, kept, flops, memory, seconds):
 
 
 def test_demo_results_are_keyed_by_checkpoint_content(tmp_path):
-    from divico.demo import _assets_fingerprint
+    from divico_testbed.demo import _assets_fingerprint
 
     (tmp_path / "stage2").mkdir()
     (tmp_path / "stage2" / "compressor.safetensors").write_bytes(b"weights-1")
@@ -109,7 +109,7 @@ def test_tables_compute_improvement_and_ratios_by_hand():
 
 
 def test_finished_stages_reopen_for_more_steps_or_a_new_base(tmp_path):
-    from divico.zoo.recipe import _finished
+    from divico_testbed.recipe import _finished
 
     stage = tmp_path / "stage"
     (stage / "checkpoints" / "checkpoint-30").mkdir(parents=True)
@@ -153,7 +153,7 @@ def test_calibrate_projector_standardises_features_and_matches_embedding_norm():
 
 
 def test_best_constant_scores_by_hand(tmp_path):
-    from divico.evaluation import best_constant_scores
+    from divico_testbed.evaluation import best_constant_scores
 
     def write(benchmark, rows):
         (tmp_path / benchmark).mkdir()
@@ -196,7 +196,7 @@ class _WordTokenizer:
 
 
 def test_scene_patch_targets_by_hand():
-    from divico.data import Scene, SceneObject, Sign
+    from divico_testbed.data import Scene, SceneObject, Sign
 
     model = tiny_llava(seed=0)
     tokenizer = _WordTokenizer()
@@ -229,8 +229,8 @@ def test_scene_patch_targets_by_hand():
 
 
 def test_sign_patches_name_their_text_only_when_asked():
-    from divico.data import Scene, Sign
-    from divico.zoo.recipe import sign_text_words
+    from divico_testbed.data import Scene, Sign
+    from divico_testbed.recipe import sign_text_words
 
     scene = Scene(seed=0, background="white", objects=(), signs=(
         Sign("CAFE", "red", 0, 0, 1 / 6, 1 / 6), Sign("X9K", "black", 2, 2, 5 / 6, 5 / 6)))
@@ -244,7 +244,7 @@ def test_sign_patches_name_their_text_only_when_asked():
 
 
 def test_write_visual_words_labels_each_patch_of_each_record(tmp_path):
-    from divico.data import SMALL_SIZES, load_scenes, write_benchmark_splits, write_multiturn_training
+    from divico_testbed.data import SMALL_SIZES, load_scenes, write_benchmark_splits, write_multiturn_training
 
     write_benchmark_splits(tmp_path, seed=0, sizes=SMALL_SIZES, image_size=64, show_progress=False)
     source = write_multiturn_training(tmp_path, seed=0, turns=3)
@@ -269,7 +269,7 @@ def test_align_projector_moves_tokens_onto_their_word_targets(tmp_path):
     from tiny_models import IMAGE_SIZE
     from transformers import CLIPImageProcessor
 
-    from divico.data import SMALL_SIZES, write_benchmark_splits
+    from divico_testbed.data import SMALL_SIZES, write_benchmark_splits
 
     write_benchmark_splits(tmp_path, seed=0, sizes=SMALL_SIZES, image_size=64, show_progress=False)
     model = tiny_llava(seed=0)
@@ -307,7 +307,7 @@ def test_retrain_default_refuses_bad_stage2_options_before_training(tmp_path, ca
 
 
 def test_sign_reading_conversations_are_mixed_into_stage2(tmp_path):
-    from divico.zoo.recipe import _with_sign_reading
+    from divico_testbed.recipe import _with_sign_reading
 
     stage2_data = tmp_path / "llava_train_multiturn8.json"
     stage2_data.write_text(json.dumps([{"id": f"multiturn-{i}", "image": "x.png", "conversations": []}
@@ -321,7 +321,7 @@ def test_sign_reading_conversations_are_mixed_into_stage2(tmp_path):
 
 
 def test_chained_warm_starts_each_get_a_new_data_order(tmp_path):
-    from divico.zoo.recipe import _warm_start_seed
+    from divico_testbed.recipe import _warm_start_seed
 
     assert _warm_start_seed(RecipeConfig(seed=0)) is None  # from scratch: the recipe's own seed
     init = tmp_path / "stage2"

@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from divico.data.benchmarks import SMALL_SIZES, write_benchmark_splits
+    from divico_testbed.data.benchmarks import SMALL_SIZES, write_benchmark_splits
 
     manifest = write_benchmark_splits(
         args.out,

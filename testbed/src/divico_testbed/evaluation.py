@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from divico.data import build_prompt, load_eval_records, training_target
+from divico_testbed.data import build_prompt, load_eval_records, training_target
 from divico.metrics import score_benchmark
 
 
@@ -73,7 +73,7 @@ def answer_records(
     processor
         Its processor (chat template, image processor, tokenizer).
     records
-        Eval records with ``image`` (relative to ``data_dir``) and the fields :func:`divico.data.build_prompt` reads.
+        Eval records with ``image`` (relative to ``data_dir``) and the fields :func:`divico_testbed.data.build_prompt` reads.
     data_dir
         Folder the records' image paths are relative to.
     batch_size, max_new_tokens

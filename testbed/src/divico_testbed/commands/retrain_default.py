@@ -40,8 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from divico.data.benchmarks import MAX_CHOICE_ORDERS
-    from divico.zoo.recipe import RecipeConfig, export_assets, run_recipe
+    from divico_testbed.data.benchmarks import MAX_CHOICE_ORDERS
+    from divico_testbed.recipe import RecipeConfig, export_assets, run_recipe
 
     try:
         config = RecipeConfig(output_dir=args.out, threads=args.threads, stage2_init=args.stage2_init)

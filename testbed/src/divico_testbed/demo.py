@@ -90,7 +90,7 @@ class RunSpec:
 
 def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
     """Baseline, then FastV / DeCo / DiViCo at each shipped rate (and the ablation variants if asked)."""
-    from divico.zoo.recipe import ABLATION_TAG, PAPER_KEEP_RATIOS
+    from divico_testbed.recipe import ABLATION_TAG, PAPER_KEEP_RATIOS
 
     runs = [RunSpec("baseline", "baseline", None, None)]
     for tag, ratio in PAPER_KEEP_RATIOS.items():
@@ -125,14 +125,14 @@ def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path,
     from PIL import Image
 
     import divico
-    from divico.data import load_eval_records
+    from divico_testbed.data import load_eval_records
     from divico.efficiency import (
         PromptShape,
         count_flops,
         measure_peak_memory,
         time_call,
     )
-    from divico.evaluation.runner import _chat_prompt
+    from divico_testbed.evaluation import _chat_prompt
 
     record = load_eval_records(data_dir, "textvqa", "test")[0]
     inputs = processor(images=[Image.open(data_dir / record["image"]).convert("RGB")],
@@ -195,10 +195,10 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     dict
         ``run name -> {"scores": {benchmark: score}, "efficiency": {...}, ...}``.
     """
-    from divico.data import DATA_FORMAT, benchmark_data_current, write_benchmark_splits
-    from divico.evaluation import best_constant_scores, evaluate_benchmarks
-    from divico.zoo.default_model import default_cache_root
-    from divico.zoo.recipe import ASSETS_DIR, load_trained_default
+    from divico_testbed.data import DATA_FORMAT, benchmark_data_current, write_benchmark_splits
+    from divico_testbed.evaluation import best_constant_scores, evaluate_benchmarks
+    from divico_testbed.default_model import default_cache_root
+    from divico_testbed.recipe import ASSETS_DIR, load_trained_default
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -369,10 +369,10 @@ def demo_slice(
     ``docs/demo_slice.json`` holds its output for the shipped checkpoints; a test re-runs it and checks that
     the figures agree.
     """
-    from divico.data import benchmark_data_current, write_benchmark_splits
-    from divico.evaluation import evaluate_benchmarks
-    from divico.zoo.default_model import default_cache_root
-    from divico.zoo.recipe import ASSETS_DIR, load_trained_default
+    from divico_testbed.data import benchmark_data_current, write_benchmark_splits
+    from divico_testbed.evaluation import evaluate_benchmarks
+    from divico_testbed.default_model import default_cache_root
+    from divico_testbed.recipe import ASSETS_DIR, load_trained_default
 
     assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
     data = Path(data_dir) if data_dir is not None else default_cache_root() / "demo-data"
