@@ -8,16 +8,13 @@ neither package, so nothing here can form an import cycle.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from torch import nn
 
-if TYPE_CHECKING:  # annotations only: methods and adapters import this module
-    from divico.adapters.base import ModelAdapter
-    from divico.methods.base import CompressionMethod
-
-_METHODS: dict[str, type["CompressionMethod"]] = {}
-_ADAPTERS: dict[str, type["ModelAdapter"]] = {}
+# Values are CompressionMethod / ModelAdapter subclasses; typed loosely because those modules import this one.
+_METHODS: dict[str, type] = {}
+_ADAPTERS: dict[str, type] = {}
 M = TypeVar("M", bound=type)
 
 
@@ -35,7 +32,7 @@ def register_method(name: str) -> Callable[[M], M]:
     def decorator(cls: M) -> M:
         if name in _METHODS and _METHODS[name] is not cls:
             raise ValueError(f"Method name {name!r} is already registered by {_METHODS[name].__name__}.")
-        _METHODS[name] = cls  # type: ignore[assignment]
+        _METHODS[name] = cls
         cls.name = name  # type: ignore[attr-defined]
         return cls
 
@@ -57,7 +54,7 @@ def trainable_methods() -> list[str]:
     return sorted(name for name, cls in _METHODS.items() if cls.trainable)
 
 
-def get_method_class(name: str) -> type["CompressionMethod"]:
+def get_method_class(name: str) -> type:
     """The class registered under ``name``.
 
     Raises
@@ -86,7 +83,7 @@ def register_adapter(cls: M) -> M:
         if name in _ADAPTERS and _ADAPTERS[name] is not cls:
             raise ValueError(f"Model class {name!r} is already served by {_ADAPTERS[name].__name__}.")
     for name in names:
-        _ADAPTERS[name] = cls  # type: ignore[assignment]
+        _ADAPTERS[name] = cls
     return cls
 
 
@@ -101,7 +98,7 @@ def available_models() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def adapter_classes() -> list[type["ModelAdapter"]]:
+def adapter_classes() -> list[type]:
     """The registered adapter classes, each once, in order of their first model class name."""
     seen: dict[type, None] = {}
     for name in sorted(_ADAPTERS):
@@ -109,7 +106,7 @@ def adapter_classes() -> list[type["ModelAdapter"]]:
     return list(seen)
 
 
-def get_adapter(model: nn.Module) -> "ModelAdapter":
+def get_adapter(model: nn.Module) -> Any:
     """Adapter instance for ``model``.
 
     Raises

@@ -8,13 +8,11 @@ here. ``full_attention`` reproduces the official FastV way (the whole matrix) fo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from divico.adapters.base import ModelAdapter
+from divico.adapters.base import ModelAdapter
+
 
 
 class LastTokenAttentionScorer:
@@ -33,7 +31,7 @@ class LastTokenAttentionScorer:
     """
 
     def __init__(
-        self, adapter: "ModelAdapter", attention: nn.Module, mode: str, sliding_window: int | None = None
+        self, adapter: ModelAdapter, attention: nn.Module, mode: str, sliding_window: int | None = None
     ) -> None:
         self.adapter = adapter
         self.attention = attention

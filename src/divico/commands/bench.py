@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.pyplot as plt
 import torch
 from tqdm import tqdm
 
-from divico.api import apply_compression, remove_compression
+from divico.api import apply_compression, last_report, remove_compression
 from divico.config import CompressionConfig
 from divico.efficiency import flops as flops_mod
 from divico.efficiency import measure, presets
@@ -146,12 +147,6 @@ def _median(values: list[float]) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from divico.efficiency import flops as flops_mod
-    from divico.efficiency import measure, presets
-
     _validate(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -266,8 +261,6 @@ def _count_kwargs(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 def _static_row(plan: dict[str, Any], ctx: _Context) -> dict[str, Any]:
-    import torch
-
     analytic = ctx.flops.count_flops(ctx.model.config, ctx.prompt, **_count_kwargs(plan))
     analytic_full = ctx.flops.count_flops(ctx.model.config, ctx.prompt, num_layers=ctx.full_depth,
                                           **_count_kwargs(plan))
@@ -287,9 +280,7 @@ def _static_row(plan: dict[str, Any], ctx: _Context) -> dict[str, Any]:
             row["kv_bytes_from_k"] = sum(kv[plan["layer"] or min(ctx.args.layer_k):])
             row["kv_bytes_full_depth"] = sum(kv) + (ctx.full_depth - layers_run) * (kv[-1] if kv else 0)
             if attached:
-                import divico
-
-                report = divico.last_report(ctx.model)
+                report = last_report(ctx.model)
                 row["report"] = {"layer": int(report.layer), "seq_len_before": int(report.seq_len_before),
                                  "seq_len_after": int(report.seq_len_after)}
             if ctx.args.count_flops:
@@ -307,8 +298,6 @@ def _static_row(plan: dict[str, Any], ctx: _Context) -> dict[str, Any]:
 def _timing_round(row: dict[str, Any], ctx: _Context, record: bool) -> None:
     """One prefill (vision tower, projector and each decoder layer timed by hooks) and, if asked, one
     generation; appended to ``row["samples"]`` when ``record``."""
-    import torch
-
     attached = _apply(ctx.model, row)
     modules = [ctx.model.model.vision_tower, ctx.model.model.multi_modal_projector] + ctx.decoder_layers
     timer = ctx.measure.LayerTimer(modules, device=ctx.device)
@@ -427,11 +416,7 @@ def format_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, settings: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    matplotlib.use("Agg")  # files only; never open a window
     labels = [f"{row['name']}\nk={row['keep_tokens']} K={row['layer']}" for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows)), 4))
     positions = range(len(rows))

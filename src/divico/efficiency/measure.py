@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import LogitsProcessor, LogitsProcessorList
 
 __all__ = [
     "LayerTimer",
@@ -39,7 +42,6 @@ __all__ = [
 
 def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
                     **kwargs: Any) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
 
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
@@ -52,7 +54,6 @@ def measure_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     tuple
         ``(total_flops, fn's return value)``.
     """
-    from torch.utils.flop_counter import FlopCounterMode
 
     mapping = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -283,7 +284,6 @@ def measure_peak_memory(fn: Callable[[], Any], model: torch.nn.Module | None = N
         peak = torch.cuda.max_memory_allocated(device) - before
         del result
         return MemoryStats(int(peak), resident, "cuda_max_memory_allocated")
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         result = fn()
@@ -371,7 +371,6 @@ def time_generation(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int
         ``"ttft"``: TimingStats of the time to first token; ``"decode"``: TimingStats of the per-repeat
         median decode-step time.
     """
-    from transformers import LogitsProcessor, LogitsProcessorList
 
     _check_repeats(repeats, warmup)
     if not isinstance(new_tokens, int) or new_tokens < 2:

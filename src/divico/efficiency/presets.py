@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 __all__ = [
     "PRESETS",
@@ -260,7 +268,6 @@ def build_config(
     -------
     transformers.LlavaConfig
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     preset = _get_preset(name)
     text_kwargs = dict(preset.text)
@@ -312,7 +319,6 @@ def build_random_model(config: Any, dtype: torch.dtype = torch.float32, seed: in
     transformers.LlavaForConditionalGeneration
         In eval mode, on CPU.
     """
-    from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
@@ -348,7 +354,6 @@ def load_model(
         config = build_config(spec, layers=layers, visual_tokens=visual_tokens,
                               attn_implementation=attn_implementation)
         return build_random_model(config, dtype=dtype)
-    from transformers import AutoConfig, AutoModelForImageTextToText
 
     is_local = Path(spec).is_dir()
     if not is_local and ("/" not in spec or Path(spec).exists()):

@@ -27,7 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from peft import LoraConfig
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from divico.api import apply_compression, get_runtime, unwrap_model
 from divico.checkpoint import load_compressor, read_saved_config, save_compressor
@@ -466,7 +468,6 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
 
 def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
     """The ``TrainingArguments`` for ``config`` (output under ``output_dir/checkpoints``)."""
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
     # transformers refuses bf16 without a bf16 accelerator unless told explicitly to train on the CPU.
     bf16_on_cpu = config.bf16 and not is_torch_bf16_gpu_available() and not is_torch_xla_available()
@@ -500,7 +501,6 @@ def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
 
 def last_checkpoint(config: TrainingConfig) -> str | None:
     """Newest ``checkpoint-N`` folder of a previous run in ``output_dir/checkpoints`` (None if none)."""
-    from transformers.trainer_utils import get_last_checkpoint
 
     folder = Path(config.output_dir) / CHECKPOINT_SUBDIR
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -538,7 +538,6 @@ def train(
     ValueError
         On an already-compressed model or a configuration that trains nothing.
     """
-    from transformers import set_seed
 
     if not isinstance(config, TrainingConfig):
         raise TypeError(f"config must be a divico.training.TrainingConfig, got {type(config).__name__}.")
