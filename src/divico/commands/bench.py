@@ -132,9 +132,11 @@ def _row_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
             for layer in layers:
                 plan.append({"name": method, "method": method, "scoring": "sdpa", "layer": layer,
                              "keep": {key: value}})
-                if args.reference_fastv and method == REFERENCE_METHOD:
-                    plan.append({"name": f"{method}-ref", "method": method, "scoring": "full_attention",
-                                 "layer": layer, "keep": {key: value}})
+    if args.reference_fastv:
+        for key, value in keeps:
+            for layer in args.layer_k:
+                plan.append({"name": f"{REFERENCE_METHOD}-ref", "method": REFERENCE_METHOD,
+                             "scoring": "full_attention", "layer": layer, "keep": {key: value}})
     return plan
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -483,8 +484,6 @@ class LlavaJsonDataset(Dataset):
 
 
 def _load_image(path: Path) -> Any:
-    from PIL import Image
-
     with Image.open(path) as image:
         return image.convert("RGB")
 
