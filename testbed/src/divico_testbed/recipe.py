@@ -16,31 +16,55 @@ from its last Trainer checkpoint):
 
 Stages 1 and 2 use DeCo at ``keep_ratio=1.0`` as the training vehicle: pooling a grid to itself is the identity,
 so this is exactly the uncompressed model with a trainable projector, trained by the same code as every method.
+The package ships stages 2 and 3 (:func:`export_assets`); stage 1 stays in the run folder.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from divico.api import remove_compression
+from divico.checkpoint import load_compressor
+from divico.config import CompressionConfig
+from divico.lora import merge_lora
+from divico.training import TrainingConfig, train
+from divico.training.trainer import TRAINING_CONFIG_NAME
+from PIL import Image
 from torch import nn
 
-from divico.api import remove_compression
-from divico.config import CompressionConfig
-from divico_testbed.data.scenes import GRID_SIZE, SIGN_WORDS
-from divico.checkpoint import load_compressor
-from divico.lora import merge_lora
+from divico_testbed.data import (
+    benchmark_data_current,
+    load_scenes,
+    multiturn_file_name,
+    write_benchmark_splits,
+    write_multiturn_training,
+)
+from divico_testbed.data.scenes import GRID_SIZE
+from divico_testbed.default_model import build_default_model, num_visual_tokens
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "default"
 #: The paper's compression rates 83.3% / 88.9% / 93.3%, as shares of visual tokens kept.
 PAPER_KEEP_RATIOS: dict[str, float] = {"keep16.7": 1 / 6, "keep11.1": 1 / 9, "keep6.7": 1 / 15}
 ABLATION_TAG = "keep11.1"
 ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: A compressor's record of the stage-2 base it was trained on (``{"stage2_steps": N}``), read by
+#: :func:`stage_finished` when a run is resumed.
+BASE_RECORD_NAME = "recipe_base.json"
+#: What a run folder holds that :func:`export_assets` does not ship: Trainer checkpoints and the base records,
+#: the state of resuming a run (the shipped ``recipe.json`` records the stage-2 and compressor steps).
+RUN_ONLY_FILES = frozenset({"checkpoints", BASE_RECORD_NAME})
+#: ``base_model`` of the shipped checkpoints' metadata: the default model as this package builds it (it is cached
+#: in ``<cache>/default-base-<image_size>``, :func:`divico_testbed.default_model.default_model_dir`).
+PORTABLE_BASE_MODEL = "divico-testbed:default-base-{image_size}"
+#: Paths of the training machine in a run's ``recipe.json`` and ``training_config.json`` (see :func:`portable_path`).
+RECIPE_PATH_KEYS = ("output_dir", "stage2_init")
+TRAINING_PATH_KEYS = ("data_path", "image_folder", "output_dir", "init_from")
 
 
 @dataclass
@@ -73,12 +97,6 @@ class RecipeConfig:
     #: of background patches within it (objects and signs: 1).
     visual_word_weight: float = 1.0
     visual_word_background_weight: float = 0.2
-    #: Sign patches also name their text in the visual word loss (:func:`sign_text_words`); off in the shipped
-    #: stages, whose sign patches name only colour and "sign".
-    visual_word_sign_text: bool = False
-    #: Extra training images with 1-3 signs, each with a conversation that asks only about sign text
-    #: (:func:`divico_testbed.data.write_sign_reading_training`), mixed into stage 2's conversations (0: none).
-    sign_reading_images: int = 0
     #: Question turns per image in stage 2's multi-turn conversations (0: the single-question file).
     multiturn_turns: int = 8
     #: Option orders in which stage 2 asks each multiple-choice question of a conversation (1: once); more orders
@@ -187,8 +205,6 @@ def calibrate_projector(model: nn.Module, pixel_values: torch.Tensor) -> dict[st
 
 
 def _calibration_pixels(processor: Any, data: Path, count: int) -> torch.Tensor:
-    from PIL import Image
-
     paths = sorted((data / "images" / "train" / "caption").glob("*.png"))[:count]
     if not paths:
         raise FileNotFoundError(f"no caption training images under {data / 'images' / 'train' / 'caption'}")
@@ -202,18 +218,12 @@ def _word_embedding(model: nn.Module, tokenizer: Any, words: str) -> torch.Tenso
     return model.get_input_embeddings().weight[ids].float().mean(dim=0)
 
 
-def sign_text_words(text: str) -> tuple[str, ...]:
-    """The words that name a sign's text: a common word whole (``"CAFE"`` -> ``("cafe",)``), a random string
-    character by character (``"X9K"`` -> ``("x", "9", "k")``), lower-cased as the answers are."""
-    return (text.lower(),) if text in SIGN_WORDS else tuple(text.lower())
-
-
-def scene_patch_words(scene: Any, grid: int, sign_text: bool = False) -> list[tuple[tuple[str, ...], bool]]:
+def scene_patch_words(scene: Any, grid: int) -> list[tuple[tuple[str, ...], bool]]:
     """What every patch of a rendered scene shows, from its ground truth, in raster order.
 
     A patch whose centre lies on an object shows its colour and shape words (``("red", "square")``); on a sign,
-    its colour and ``"sign"``, and with ``sign_text`` also :func:`sign_text_words` of its text; elsewhere, the
-    background colour and ``"background"``. A tiny object that covers no patch centre is given its nearest patch.
+    its colour and ``"sign"``; elsewhere, the background colour and ``"background"``. A tiny object that covers no
+    patch centre is given its nearest patch.
 
     Returns
     -------
@@ -226,8 +236,7 @@ def scene_patch_words(scene: Any, grid: int, sign_text: bool = False) -> list[tu
     rows, cols = torch.meshgrid(centres, centres, indexing="ij")
     items = [(o.x, o.y, max(o.size / 2, 0.5 / grid), (o.color, o.shape)) for o in scene.objects]
     # A sign spans most of its grid cell's width.
-    items += [(s.x, s.y, 1.0 / (2 * GRID_SIZE), (s.color, "sign", *(sign_text_words(s.text) if sign_text else ())))
-              for s in scene.signs]
+    items += [(s.x, s.y, 1.0 / (2 * GRID_SIZE), (s.color, "sign")) for s in scene.signs]
     for x, y, radius, words in items:
         inside = ((cols - x) ** 2 + (rows - y) ** 2 <= radius**2).flatten()
         if not bool(inside.any()):  # a tiny object: its nearest patch
@@ -256,21 +265,16 @@ def scene_patch_targets(model: nn.Module, tokenizer: Any, scene: Any, grid: int)
     return targets, torch.tensor([on_item for _, on_item in patches])
 
 
-def write_visual_words(
-    source: Path, target: Path, data: Path, grid: int, background_weight: float = 0.2, sign_text: bool = False,
-) -> int:
+def write_visual_words(source: Path, target: Path, data: Path, grid: int, background_weight: float = 0.2) -> int:
     """Copy a LLaVA training file of scene conversations, adding each record's ``"visual_words"``.
 
-    Object and sign patches get weight 1, background patches ``background_weight`` (:func:`scene_patch_words`;
-    ``sign_text``: sign patches also name their text).
+    Object and sign patches get weight 1, background patches ``background_weight`` (:func:`scene_patch_words`).
 
     Returns
     -------
     int
         Number of records written.
     """
-    from divico_testbed.data import load_scenes
-
     if not 0 <= background_weight < float("inf"):
         raise ValueError(f"background_weight must be a finite number >= 0, got {background_weight!r}.")
     scenes = load_scenes(data, "train")
@@ -280,7 +284,7 @@ def write_visual_words(
         if scene is None:
             raise KeyError(f"no scene for image {record.get('image')!r} of record {record.get('id')!r} in {data}")
         record["visual_words"] = [" ".join(words) if on_item else [" ".join(words), background_weight]
-                                  for words, on_item in scene_patch_words(scene, grid, sign_text)]
+                                  for words, on_item in scene_patch_words(scene, grid)]
     Path(target).write_text(json.dumps(records))
     return len(records)
 
@@ -304,10 +308,6 @@ def align_projector(
         ``images``, held-out ``cosine_items`` / ``cosine_background`` (mean cosine between projected tokens and
         their targets) and the same before alignment (``*_before``).
     """
-    from PIL import Image
-
-    from divico_testbed.data import load_scenes
-
     scenes = sorted(load_scenes(data, "train").items())[:images]
     if len(scenes) < 10:
         raise ValueError(f"align_projector needs >= 10 training scenes under {data}, found {len(scenes)}")
@@ -354,8 +354,6 @@ def align_projector(
 
 def load_base(stage_dir: Path, image_size: int = 168, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """The default model with a trained stage (projector and LoRA, merged) applied, uncompressed."""
-    from divico_testbed.default_model import build_default_model
-
     model, processor = build_default_model(image_size=image_size, torch_dtype=dtype)
     load_compressor(model, stage_dir)
     remove_compression(model)
@@ -375,17 +373,19 @@ def load_trained_default(assets_dir: str | Path | None = None, dtype: torch.dtyp
     return load_base(stage, image_size=int(meta.get("image_size", 168)), dtype=dtype)
 
 
-def _finished(directory: Path, steps: int | None = None, base: dict[str, Any] | None = None) -> bool:
-    """A stage is finished when its outputs exist, it ran at least ``steps`` steps and on the same ``base``.
+def stage_finished(directory: Path, steps: int | None = None, base: dict[str, Any] | None = None) -> bool:
+    """A stage is finished when its outputs exist, it ran at least ``steps`` steps and on the same ``base``
+    (what its :data:`BASE_RECORD_NAME` file records).
 
     A stage that ran fewer steps (a larger ``--steps-scale``) is reopened: its outputs are removed and training
     resumes from its last Trainer checkpoint. A stage trained on another base stage is retrained.
     """
-    config_path, training_path = directory / "config.json", directory / "training_config.json"
+    config_path, training_path = directory / "config.json", directory / TRAINING_CONFIG_NAME
     if not (config_path.is_file() and training_path.is_file()):
         return False
     ran = int(json.loads(training_path.read_text()).get("max_steps", -1))
-    recorded = json.loads((directory / "recipe_base.json").read_text()) if (directory / "recipe_base.json").is_file() else {}
+    record = directory / BASE_RECORD_NAME
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
     if (steps is None or ran >= steps) and (base is None or recorded == base):
         return True
     config_path.unlink()
@@ -395,34 +395,18 @@ def _finished(directory: Path, steps: int | None = None, base: dict[str, Any] | 
     return False
 
 
-def _warm_start_seed(config: RecipeConfig) -> int | None:
+def warm_start_seed(config: RecipeConfig) -> int | None:
     """Stage 2's seed: the recipe's, or for a warm start its init's seed + 1, so that a chain of warm starts
     never replays the batch order of the run it continues."""
     if config.stage2_init is None:
         return None
-    recorded = Path(config.stage2_init) / "training_config.json"
+    recorded = Path(config.stage2_init) / TRAINING_CONFIG_NAME
     previous = json.loads(recorded.read_text()).get("seed", config.seed) if recorded.is_file() else config.seed
     return int(previous) + 1
 
 
 def _stage_steps(directory: Path) -> int:
-    return int(json.loads((directory / "training_config.json").read_text())["max_steps"])
-
-
-def _with_sign_reading(config: RecipeConfig, data: Path, stage2_data: Path) -> Path:
-    """``stage2_data`` shuffled together with :func:`divico_testbed.data.write_sign_reading_training`'s conversations."""
-    from divico_testbed.data import sign_reading_file_name, write_sign_reading_training
-
-    images, turns = config.sign_reading_images, config.multiturn_turns or 8
-    mixed = stage2_data.with_name(f"{stage2_data.stem}_signs{images}x{turns}.json")
-    if not mixed.is_file():
-        signs = data / sign_reading_file_name(images, turns)
-        if not signs.is_file():
-            write_sign_reading_training(data, images, seed=config.seed, turns=turns, image_size=config.image_size)
-        records = json.loads(stage2_data.read_text()) + json.loads(signs.read_text())
-        random.Random(f"signs-mix-{config.seed}").shuffle(records)
-        mixed.write_text(json.dumps(records))
-    return mixed
+    return int(json.loads((directory / TRAINING_CONFIG_NAME).read_text())["max_steps"])
 
 
 def _train_stage(
@@ -430,8 +414,6 @@ def _train_stage(
     steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
     visual_word_weight: float = 0.0, init_from: Path | None = None, seed: int | None = None,
 ) -> None:
-    from divico.training import TrainingConfig, train
-
     train(model, processor, TrainingConfig(
         data_path=data, image_folder=image_folder, output_dir=out, compression=compression, beta=beta,
         visual_word_weight=visual_word_weight, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1),
@@ -444,9 +426,7 @@ def _train_stage(
 
 def _run_stage1(config: RecipeConfig, data: Path, captions: Path, stage1: Path, keep_all: CompressionConfig) -> None:
     """Projector calibration, pre-alignment and caption training, unless already finished."""
-    from divico_testbed.default_model import build_default_model
-
-    if _finished(stage1, config.stage1_steps):
+    if stage_finished(stage1, config.stage1_steps):
         return
     model, processor = build_default_model(image_size=config.image_size)
     if config.calibrate_projector:
@@ -470,14 +450,6 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
     only
         Stage-3 run names to train (default: all of :func:`compressor_runs`).
     """
-    from divico_testbed.data import (
-        benchmark_data_current,
-        multiturn_file_name,
-        write_benchmark_splits,
-        write_multiturn_training,
-    )
-    from divico_testbed.default_model import build_default_model
-
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.output_dir)
@@ -496,17 +468,12 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         if not stage2_data.is_file():
             write_multiturn_training(data, seed=config.seed, turns=config.multiturn_turns,
                                      choice_orders=config.multiturn_choice_orders)
-    if config.sign_reading_images:
-        stage2_data = _with_sign_reading(config, data, stage2_data)
     if config.visual_word_weight:
-        from divico_testbed.default_model import num_visual_tokens
-
         grid = round(num_visual_tokens(config.image_size) ** 0.5)
         background = config.visual_word_background_weight
-        text = "_text" if config.visual_word_sign_text else ""
-        with_words = stage2_data.with_name(f"{stage2_data.stem}_words{grid}_bg{background:g}{text}.json")
+        with_words = stage2_data.with_name(f"{stage2_data.stem}_words{grid}_bg{background:g}.json")
         if not with_words.is_file():
-            write_visual_words(stage2_data, with_words, data, grid, background, config.visual_word_sign_text)
+            write_visual_words(stage2_data, with_words, data, grid, background)
         stage2_data = with_words
     keep_all = CompressionConfig("deco", keep_ratio=1.0)
     done: dict[str, str] = {}
@@ -518,14 +485,14 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         done["stage1"] = str(stage1)
 
     stage2 = out / "stage2"
-    if not _finished(stage2, config.stage2_steps):
+    if not stage_finished(stage2, config.stage2_steps):
         model, processor = build_default_model(image_size=config.image_size)
         if config.stage2_init is None:
             load_compressor(model, stage1)
             remove_compression(model)
         _train_stage(model, processor, stage2_data, data, stage2, keep_all, config.stage2_steps,
                      config.stage2_lr, config.stage2_lora_r, config, None, 0.0, config.visual_word_weight,
-                     init_from=config.stage2_init, seed=_warm_start_seed(config))
+                     init_from=config.stage2_init, seed=warm_start_seed(config))
     done["stage2"] = str(stage2)
 
     for name, compression in compressor_runs(config).items():
@@ -533,35 +500,86 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
             continue
         target = out / "compressors" / name
         base = {"stage2_steps": _stage_steps(stage2)}
-        if not _finished(target, config.compressor_steps, base):
+        if not stage_finished(target, config.compressor_steps, base):
             model, processor = load_base(stage2, image_size=config.image_size)
             _train_stage(model, processor, data / "llava_train.json", data, target, compression,
                          config.compressor_steps, config.compressor_lr, config.compressor_lora_r, config,
                          ATTENTION_LORA_TARGETS, config.beta)
-            (target / "recipe_base.json").write_text(json.dumps(base))
+            (target / BASE_RECORD_NAME).write_text(json.dumps(base))
         done[name] = str(target)
     return done
 
 
+def portable_path(value: str | None, roots: Sequence[Path]) -> str | None:
+    """A path of the training machine as it is shipped: relative to the first of ``roots`` (absolute folders) that
+    holds it (``/root/runs/r9/data`` -> ``runs/r9/data`` for the root ``/root``); a path under none of them keeps
+    only its name. A relative path is taken relative to the working directory."""
+    if value is None:
+        return None
+    path = Path(value)
+    absolute = path if path.is_absolute() else Path.cwd() / path
+    for root in roots:
+        if absolute.is_relative_to(root):
+            return absolute.relative_to(root).as_posix()
+    return path.name
+
+
+def _rewrite_json(path: Path, changes: dict[str, Any]) -> None:
+    """Set ``changes`` in a JSON file written with ``indent=2``, keeping its key order and final newline."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    data = json.loads(text)
+    data.update({key: value for key, value in changes.items() if key in data})
+    path.write_text(json.dumps(data, indent=2) + ("\n" if text.endswith("\n") else ""))
+
+
+def make_portable(stage: Path, roots: Sequence[Path], image_size: int) -> None:
+    """Replace the training machine's paths in an exported stage folder's JSON files (in place).
+
+    The base model's cache folder (``config.json``'s ``base_model``, the LoRA adapter's
+    ``base_model_name_or_path``) becomes :data:`PORTABLE_BASE_MODEL`; the data, output and init paths of
+    ``training_config.json`` become relative (:func:`portable_path`). Nothing reads these at run time
+    (``load_compressor`` names ``base_model`` in an error message only); they record where the weights came from.
+    """
+    base_model = PORTABLE_BASE_MODEL.format(image_size=image_size)
+    _rewrite_json(stage / "config.json", {"base_model": base_model})
+    _rewrite_json(stage / "lora" / "adapter_config.json", {"base_model_name_or_path": base_model})
+    training_path = stage / TRAINING_CONFIG_NAME
+    if training_path.is_file():
+        recorded = json.loads(training_path.read_text())
+        _rewrite_json(training_path, {key: portable_path(recorded.get(key), roots) for key in TRAINING_PATH_KEYS})
+
+
 def export_assets(output_dir: str | Path, assets_dir: str | Path = ASSETS_DIR) -> Path:
-    """Copy only the trained parts of a finished recipe (no Trainer checkpoints) into ``assets_dir``."""
+    """Copy what the package ships of a finished recipe into ``assets_dir``: ``recipe.json``, ``stage2`` and
+    ``compressors/*``, without :data:`RUN_ONLY_FILES`, and with the run's machine paths made portable
+    (:func:`make_portable`: relative to the working directory, else to the folder that holds the run).
+
+    Stage 1 is not shipped: only stage 2 of the same run starts from it (a warm start from the shipped stage 2,
+    ``--stage2-init``, skips stage 1), and its calibration figures are in docs/results.md.
+    """
     source = Path(output_dir)
     target = Path(assets_dir)
-    stages = [source / "stage1", source / "stage2", *sorted((source / "compressors").glob("*"))]
-    for stage in stages:
-        if not _finished(stage):
+    roots = (Path.cwd(), (source if source.is_absolute() else Path.cwd() / source).parent)
+    recipe = json.loads((source / "recipe.json").read_text()) if (source / "recipe.json").is_file() else {}
+    image_size = int(recipe.get("image_size", 168))
+    for stage in [source / "stage2", *sorted((source / "compressors").glob("*"))]:
+        if not stage_finished(stage):
             continue
         destination = target / stage.relative_to(source)
         if destination.exists():
             shutil.rmtree(destination)
         destination.mkdir(parents=True)
         for item in stage.iterdir():
-            if item.name == "checkpoints":
+            if item.name in RUN_ONLY_FILES:
                 continue
             if item.is_dir():
                 shutil.copytree(item, destination / item.name)
             else:
                 shutil.copy2(item, destination / item.name)
-    if (source / "recipe.json").is_file():
+        make_portable(destination, roots, image_size)
+    if recipe:
         shutil.copy2(source / "recipe.json", target / "recipe.json")
+        _rewrite_json(target / "recipe.json", {key: portable_path(recipe.get(key), roots) for key in RECIPE_PATH_KEYS})
     return target

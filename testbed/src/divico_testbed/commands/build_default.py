@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+
+from torch import nn
+
+from divico_testbed import PackagedWeightsMissingError, build_default_model, default_model_dir, num_visual_tokens
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,11 +30,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    import time
-
-    from divico_testbed import PackagedWeightsMissingError, build_default_model, default_model_dir, num_visual_tokens
-
     try:
         model_dir = default_model_dir(args.image_size, args.cache_dir)
         started = time.perf_counter()
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     elapsed = time.perf_counter() - started
 
-    def count(module) -> int:
+    def count(module: nn.Module) -> int:
         return sum(parameter.numel() for parameter in module.parameters())
 
     print(f"default model: {model_dir} (ready in {elapsed:.1f} s)")

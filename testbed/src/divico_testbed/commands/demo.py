@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+
+from divico_testbed.demo import DemoConfig, demo_slice, run_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,13 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from divico_testbed.demo import DemoConfig, run_demo
-
     if args.slice_out is not None:
-        import json
-
-        from divico_testbed.demo import demo_slice
-
         result = demo_slice(assets_dir=args.assets, data_dir=args.data, show_progress=not args.no_progress)
         args.slice_out.parent.mkdir(parents=True, exist_ok=True)
         args.slice_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from divico_testbed.data.benchmarks import SMALL_SIZES, SPLITS, write_benchmark_splits
+
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
@@ -27,8 +29,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from divico_testbed.data.benchmarks import SMALL_SIZES, write_benchmark_splits
-
     manifest = write_benchmark_splits(
         args.out,
         seed=args.seed,
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     counts = manifest["counts"]
-    for split in ("train", "validation", "test"):
+    for split in SPLITS:
         per_set = ", ".join(f"{name} {n}" for name, n in counts[split].items())
         print(f"{split}: {per_set}")
     print(f"LLaVA conversations: train {counts['llava_train']}, "

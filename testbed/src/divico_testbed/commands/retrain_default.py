@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from divico_testbed.data.benchmarks import MAX_CHOICE_ORDERS
+from divico_testbed.recipe import RecipeConfig, export_assets, run_recipe
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,12 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--choice-orders", type=int, default=None,
                         help="option orders in which stage 2 asks each multiple-choice question (default 1; "
                         "more show the same content behind other letters)")
-    parser.add_argument("--sign-text-words", action="store_true",
-                        help="stage 2's visual word loss also names each sign's text on its patches (a common word "
-                        "whole, a random string character by character)")
-    parser.add_argument("--sign-reading", type=int, default=None, metavar="IMAGES",
-                        help="mix IMAGES extra sign scenes into stage 2, each with a conversation that asks only "
-                        "about sign text (default 0)")
     parser.add_argument("--only", nargs="*", default=None, help="stage-3 runs to train (default: all)")
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")
@@ -40,9 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from divico_testbed.data.benchmarks import MAX_CHOICE_ORDERS
-    from divico_testbed.recipe import RecipeConfig, export_assets, run_recipe
-
     try:
         config = RecipeConfig(output_dir=args.out, threads=args.threads, stage2_init=args.stage2_init)
         config = config.scaled(args.steps_scale)
@@ -58,11 +52,6 @@ def run(args: argparse.Namespace) -> int:
             if not 1 <= args.choice_orders <= MAX_CHOICE_ORDERS:
                 raise ValueError(f"--choice-orders must be in [1, {MAX_CHOICE_ORDERS}], got {args.choice_orders}.")
             config.multiturn_choice_orders = args.choice_orders
-        config.visual_word_sign_text = args.sign_text_words
-        if args.sign_reading is not None:
-            if args.sign_reading < 0:
-                raise ValueError(f"--sign-reading must be >= 0 images, got {args.sign_reading}.")
-            config.sign_reading_images = args.sign_reading
         done = run_recipe(config, only=args.only)
     except (ValueError, FileNotFoundError) as error:
         print(f"divico retrain-default: {error}")

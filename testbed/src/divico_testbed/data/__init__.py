@@ -18,12 +18,9 @@ from divico_testbed.data.benchmarks import (
     load_scenes,
     multiturn_conversation,
     multiturn_file_name,
-    sign_reading_conversation,
-    sign_reading_file_name,
     training_target,
     write_benchmark_splits,
     write_multiturn_training,
-    write_sign_reading_training,
 )
 from divico_testbed.data.scenes import Scene, SceneObject, Sign, generate_scene, render_scene
 
@@ -46,10 +43,7 @@ __all__ = [
     "render_scene",
     "multiturn_conversation",
     "multiturn_file_name",
-    "sign_reading_conversation",
-    "sign_reading_file_name",
     "training_target",
     "write_benchmark_splits",
     "write_multiturn_training",
-    "write_sign_reading_training",
 ]

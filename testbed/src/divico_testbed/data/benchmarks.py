@@ -26,8 +26,9 @@ caption    "Describe the image." -> full scene description (training only)    1
     llava_train.json, llava_validation.json    LLaVA-format conversations
     manifest.json                              format, seed, sizes, counts
 
-Scene seeds are ``((seed * 4 + split) * 8 + set) * 1_000_000 + index``, so splits and sets never
-share a scene and the same ``seed`` reproduces byte-identical files.
+Scene seeds are ``((seed * 3 + split) * 8 + set) * 1_000_000 + index`` (``split`` and ``set`` the positions in
+:data:`SPLITS` and :data:`TRAINING_SETS`; 8 slots per split, two of them unused), so splits and sets never share a
+scene and the same ``seed`` reproduces byte-identical files.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from divico.metrics import rotate_options
 from tqdm.auto import tqdm
 
 from divico_testbed.data.scenes import (
@@ -78,10 +80,6 @@ __all__ = [
     "multiturn_conversation",
     "multiturn_file_name",
     "write_multiturn_training",
-    "SIGN_READING_SET",
-    "sign_reading_conversation",
-    "sign_reading_file_name",
-    "write_sign_reading_training",
 ]
 
 BENCHMARKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "gqa")
@@ -455,11 +453,12 @@ def training_target(record: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-#: Scene-seed slot of the extra sign-reading training scenes (:func:`write_sign_reading_training`), after the
-#: slots of :data:`TRAINING_SETS`, so they never repeat a benchmark scene of any split.
-SIGN_READING_SET = "signs"
-# Seed slots per split: the training sets, then the sign-reading scenes (8 slots in the seed layout).
-_SEED_SLOTS: tuple[str, ...] = (*TRAINING_SETS, SIGN_READING_SET)
+# Scene-seed slots per split (the seed layout of the module docstring): one per training set, in this order.
+_SEED_SLOTS: tuple[str, ...] = TRAINING_SETS
+# Slots per split in the seed layout. Slot 6 (after the training sets) held the scenes of a removed sign-reading
+# experiment (docs/benchmarks.md, *Reading sign text*) and stays reserved, like slot 7, so that a set added later
+# never reuses the seeds of a data folder written before.
+_SEED_SLOTS_PER_SPLIT = 8
 
 
 def _scene_seed(seed: int, split: str, set_name: str, index: int) -> int:
@@ -468,7 +467,7 @@ def _scene_seed(seed: int, split: str, set_name: str, index: int) -> int:
             f"scene index {index} of {split}/{set_name} exceeds {_SCENES_PER_SET_LIMIT - 1}")
     split_index = SPLITS.index(split)
     set_index = _SEED_SLOTS.index(set_name)
-    return ((seed * len(SPLITS) + split_index) * 8 + set_index) * _SCENES_PER_SET_LIMIT + index
+    return ((seed * len(SPLITS) + split_index) * _SEED_SLOTS_PER_SPLIT + set_index) * _SCENES_PER_SET_LIMIT + index
 
 
 def _resolve_sizes(sizes: Mapping[str, Mapping[str, int]] | None) -> dict[str, dict[str, int]]:
@@ -489,8 +488,6 @@ def _resolve_sizes(sizes: Mapping[str, Mapping[str, int]] | None) -> dict[str, d
 
 def _expand_circular(record: dict[str, Any]) -> list[dict[str, Any]]:
     """All rotations of a multiple-choice record (MMBench circular evaluation)."""
-    from divico.metrics import rotate_options
-
     expanded = []
     for shift in range(len(record["options"])):
         options, answer = rotate_options(record["options"], record["answer"], shift)
@@ -628,102 +625,6 @@ def multiturn_conversation(
     if rng.random() < caption_share:
         chosen.insert(0, {"benchmark": "caption", "question": CAPTION_PROMPT, "answer": scene.describe()})
     return _conversation(chosen, image_path, conversation_id)
-
-
-def sign_reading_conversation(
-    scene: Scene, image_path: str, rng: random.Random, turns: int = 8, conversation_id: str = "signs",
-) -> dict[str, Any]:
-    """One LLaVA conversation that asks only about the text of ``scene``'s signs.
-
-    Every sign is asked for as an open question first (the TextVQA form: "What is written on the red
-    sign?", or a single sign's phrasings), then the turns are filled with the MME yes/no pairs ("Is the
-    word "CAFE" written in this image?", against a distractor text) and MMBench choices about the
-    signs. Reading sign text is the skill the mixed multi-turn conversations teach least (about one
-    question in eight); these conversations give it dense supervision.
-
-    Parameters
-    ----------
-    scene : Scene
-        Ground truth of the image; needs at least one sign.
-    image_path : str
-        Image path stored in the conversation.
-    rng : random.Random
-        Source of every random choice.
-    turns : int
-        Question turns (>= 1); fewer when the scene offers fewer distinct questions.
-    conversation_id : str
-        The ``id`` of the conversation.
-
-    Returns
-    -------
-    dict
-        ``{"id", "image", "conversations"}`` in LLaVA format; the first human turn holds ``<image>``.
-    """
-    _check_turns(turns)
-    if not scene.signs:
-        raise ValueError(f"scene {scene.seed} has no sign to read")
-    open_questions = [{"benchmark": "textvqa", **_open_sign_question(scene, sign, rng)}
-                      for sign in rng.sample(scene.signs, len(scene.signs))]
-    others: list[dict[str, Any]] = []
-    ocr_subtask = MME_SUBTASKS.index("ocr")
-    ocr_category = MMBENCH_CATEGORIES.index("ocr")
-    for _ in range(len(scene.signs)):
-        others += [{"benchmark": "mme", **q} for q in _mme_questions(scene, rng, ocr_subtask) or []]
-        others += [{"benchmark": "mmbench", **q} for q in _mmbench_questions(scene, rng, ocr_category) or []]
-    rng.shuffle(others)
-    chosen: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for record in [*open_questions, *others]:
-        prompt = build_prompt(record)
-        if prompt not in seen and len(chosen) < turns:
-            seen.add(prompt)
-            chosen.append(record)
-    return _conversation(chosen, image_path, conversation_id)
-
-
-def sign_reading_file_name(images: int, turns: int) -> str:
-    """File name of a sign-reading training file (``llava_train_signs3000x8.json``)."""
-    return f"llava_train_signs{images}x{turns}.json"
-
-
-def write_sign_reading_training(
-    data_dir: str | Path, images: int, seed: int = 0, turns: int = 8, image_size: int = 168,
-    show_progress: bool = True,
-) -> Path:
-    """Render ``images`` extra training scenes with 1-3 signs and write one sign-reading conversation per image.
-
-    Scenes come from their own seed slot (:data:`SIGN_READING_SET`), disjoint from every benchmark split, so
-    held-out test images are never repeated. Images go to ``images/train/signs/``, their ground truth to
-    ``scenes/train_signs.jsonl`` (read by :func:`load_scenes` for ``"train"``), the conversations
-    (:func:`sign_reading_conversation`) to :func:`sign_reading_file_name`.
-
-    Returns
-    -------
-    Path
-        The written conversation file.
-    """
-    if not isinstance(images, int) or isinstance(images, bool) or images < 1:
-        raise ValueError(f"images must be an int >= 1, got {images!r}")
-    if not isinstance(image_size, int) or image_size < 64:
-        raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
-    root = Path(data_dir)
-    image_dir = root / "images" / "train" / SIGN_READING_SET
-    image_dir.mkdir(parents=True, exist_ok=True)
-    scenes: list[dict[str, Any]] = []
-    conversations: list[dict[str, Any]] = []
-    for index in tqdm(range(images), desc="rendering sign scenes", unit="img", disable=not show_progress):
-        scene_seed = _scene_seed(seed, "train", SIGN_READING_SET, index)
-        scene = generate_scene(scene_seed, sign_count_weights=(0.0, 0.4, 0.4, 0.2))
-        image_path = f"images/train/{SIGN_READING_SET}/{scene_seed}.png"
-        render_scene(scene, image_size).save(root / image_path, format="PNG")
-        scenes.append({"image": image_path, "scene": scene.to_dict()})
-        conversations.append(sign_reading_conversation(
-            scene, image_path, random.Random(f"signs-{scene_seed}"), turns=turns,
-            conversation_id=f"signs-train-{index:05d}"))
-    _write_jsonl(root / "scenes" / f"train_{SIGN_READING_SET}.jsonl", scenes)
-    path = root / sign_reading_file_name(images, turns)
-    _write_json(path, conversations)
-    return path
 
 
 def _with_reordered_choices(
@@ -929,11 +830,7 @@ def load_scenes(data_dir: str | Path, split: str) -> dict[str, Scene]:
     path = Path(data_dir) / "scenes" / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no scene file {path}")
-    scenes = {row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(path)}
-    extra = Path(data_dir) / "scenes" / f"{split}_{SIGN_READING_SET}.jsonl"
-    if extra.is_file():  # the sign-reading scenes of write_sign_reading_training
-        scenes.update({row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(extra)})
-    return scenes
+    return {row["image"]: Scene.from_dict(row["scene"]) for row in _read_jsonl(path)}
 
 
 def load_llava_conversations(data_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:

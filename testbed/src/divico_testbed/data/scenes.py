@@ -384,12 +384,12 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None
 SIGN_FONT_SCALE = 0.085
 
 
-def _draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, side: int, font_scale: float = SIGN_FONT_SCALE) -> None:
+def _draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, side: int) -> None:
     cx, cy = sign.x * side, sign.y * side
     padding = max(2, round(side * 0.015))
     max_text_width = side / GRID_SIZE - 2 * padding - 2
-    # Largest font (up to font_scale of the side) whose text fits the cell width.
-    font_px = max(8, round(side * font_scale))
+    # Largest font (up to SIGN_FONT_SCALE of the side) whose text fits the cell width.
+    font_px = max(8, round(side * SIGN_FONT_SCALE))
     font = _font(font_px)
     while font_px > 8 and draw.textlength(sign.text, font=font) > max_text_width:
         font_px -= 1
@@ -400,7 +400,7 @@ def _draw_sign(draw: ImageDraw.ImageDraw, sign: Sign, side: int, font_scale: flo
     draw.text((cx, cy), sign.text, font=font, anchor="mm", fill=_SIGN_TEXT_RGB)
 
 
-def render_scene(scene: Scene, image_size: int = 168, sign_font_scale: float = SIGN_FONT_SCALE) -> Image.Image:
+def render_scene(scene: Scene, image_size: int = 168) -> Image.Image:
     """Draw ``scene`` as an RGB image of ``image_size`` x ``image_size`` pixels.
 
     Parameters
@@ -408,10 +408,8 @@ def render_scene(scene: Scene, image_size: int = 168, sign_font_scale: float = S
     scene : Scene
         The scene to draw.
     image_size : int
-        Side in pixels, at least 64 (below that sign text is unreadable).
-    sign_font_scale : float
-        Sign font size as a share of the side, in (0, 0.3]; a text too wide for its cell is drawn smaller.
-        The benchmarks use :data:`SIGN_FONT_SCALE`.
+        Side in pixels, at least 64 (below that sign text is unreadable). Sign text is drawn at
+        :data:`SIGN_FONT_SCALE` of the side, smaller when it is too wide for its cell.
 
     Returns
     -------
@@ -420,8 +418,6 @@ def render_scene(scene: Scene, image_size: int = 168, sign_font_scale: float = S
     """
     if not isinstance(image_size, int) or image_size < 64:
         raise ValueError(f"image_size must be an int >= 64, got {image_size!r}")
-    if not 0 < sign_font_scale <= 0.3:
-        raise ValueError(f"sign_font_scale must be in (0, 0.3], got {sign_font_scale!r}")
     if scene.background not in BACKGROUNDS:
         raise ValueError(f"unknown background {scene.background!r}; valid: {list(BACKGROUNDS)}")
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
@@ -429,5 +425,5 @@ def render_scene(scene: Scene, image_size: int = 168, sign_font_scale: float = S
     for obj in scene.objects:
         _draw_object(draw, obj, image_size)
     for sign in scene.signs:
-        _draw_sign(draw, sign, image_size, sign_font_scale)
+        _draw_sign(draw, sign, image_size)
     return image

@@ -1,6 +1,6 @@
 """How well a trained default model reads sign text: exact match on the TextVQA-style sign questions of a split.
 
-    python benchmarks/sign_reading.py --data DIR [--stage ASSETS_OR_STAGE2_DIR ...] [--split validation]
+    python experiments/sign_reading.py --data DIR [--stage ASSETS_OR_STAGE2_DIR ...] [--split validation]
 
 Asks every ``ocr`` record of ``<data>/textvqa/<split>.jsonl`` (greedy answers, at most 6 new tokens, bf16
 autocast, the yardstick of ``quick_exact_match.py``) and reports exact match separately for signs that show one

@@ -1,6 +1,6 @@
 """Control: how fast does the default model learn the mini-benchmarks when its visual tokens are PERFECTLY aligned?
 
-    python benchmarks/oracle_visual_tokens.py --data DIR [--targets mean|split] [--steps 120] [--eval-at 40]
+    python experiments/oracle_visual_tokens.py --data DIR [--targets mean|split] [--steps 120] [--eval-at 40]
 
 The projector's output is replaced (a forward hook) by the ground-truth word-embedding targets of every patch,
 what :func:`divico_testbed.recipe.align_projector` trains the projector towards:

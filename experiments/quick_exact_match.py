@@ -1,6 +1,6 @@
 """Exact match of a trained default model on the first test questions of POPE, GQA, MME and TextVQA.
 
-    python benchmarks/quick_exact_match.py --data DIR [--stage ASSETS_OR_STAGE2_DIR] [--questions 48]
+    python experiments/quick_exact_match.py --data DIR [--stage ASSETS_OR_STAGE2_DIR] [--questions 48]
 
 The same yardstick as ``text_scene_control.py`` and ``oracle_visual_tokens.py`` (greedy answers, at most 6 new
 tokens, bf16 autocast, ``divico.metrics.exact_match_accuracy``; MME per question, not the paired score), so the

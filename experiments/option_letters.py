@@ -1,7 +1,7 @@
 """Which option does the default model pick? MMBench single-question accuracy per category.
 
-    python benchmarks/option_letters.py --data DIR [--stage ASSETS_OR_STAGE2_DIR] [--rotations 160]
-                                        [--text-scene | --short-answer]
+    python experiments/option_letters.py --data DIR [--stage ASSETS_OR_STAGE2_DIR] [--rotations 160]
+                                         [--text-scene | --short-answer]
 
 MMBench's circular score counts a question only if all four rotations are right, so a model that answers by
 letter prior (always "A") scores 0 even when it knows the content. This prints, on the first ``--rotations`` test

@@ -1,6 +1,6 @@
 """Control: how fast does the default model's LLM learn the mini-benchmark questions when the scene is TEXT?
 
-    python benchmarks/text_scene_control.py --data DIR [--steps 40] [--eval-questions 48]
+    python experiments/text_scene_control.py --data DIR [--steps 40] [--eval-questions 48]
 
 The image is replaced by the scene's ground-truth caption ("Scene: An image with 4 shapes ... At the top there is
 a black square. ..."), so nothing has to be read from visual tokens. SmolLM2-135M (the default model's LLM, no

@@ -1,6 +1,6 @@
 """Does the trained default model use its images? Teacher-forced loss with the right vs. swapped images.
 
-    python benchmarks/image_reliance.py [--assets DIR] [--data DIR] [--conversations 24]
+    python experiments/image_reliance.py [--assets DIR] [--data DIR] [--conversations 24]
 
 Each validation conversation is scored twice with the uncompressed base: with its own image and with the image of
 the next conversation. A model that reads its images has a clearly lower loss with the right ones; equal losses
