@@ -299,13 +299,14 @@ class CompressionRuntime:
         batch, length = visual.shape
         given_mask = step.attention_mask_2d
         mask_2d = given_mask if given_mask is not None else torch.ones_like(visual, dtype=torch.long)
+        scores: torch.Tensor | None = None
         if self.scorer is not None:
             scores = self.scorer.scores(kwargs["position_embeddings"], mask_2d)
             self.scorer.enabled = False
-        else:
-            scores = torch.zeros(batch, length, device=hidden.device)
         groups = step.groups if step.groups is not None else torch.where(visual, 0, -1)
-        keep = self.method.select(scores, visual, groups)
+        # A method that does not score gets zeros to select from; its report says NaN (it did not score).
+        unscored = torch.zeros(batch, length, device=hidden.device)
+        keep = self.method.select(scores if scores is not None else unscored, visual, groups)
         selection = TokenSelection.from_keep_mask(keep, visual)
         compressed = self.method.compress(hidden, selection, self.compressor)
         step.selection = selection
