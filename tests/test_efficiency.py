@@ -99,7 +99,10 @@ def test_compressed_token_counts_and_paper_figure() -> None:
     visual_only = (32 - 2) * (paper_eq10_layer(576, 4096, 11008) - paper_eq10_layer(64, 4096, 11008))
     assert paper_eq11_reduction(32, 2, 576, 64, 4096, 11008) == pytest.approx(visual_only - 4 * 64 * 4096**2)
     divico_flops = count_flops(config, prompt, method="divico", keep_tokens=64, layer=2)
-    assert divico_flops.compressor == 64 * 2 * (2 * 4096 * 4096 + 4096 * 8192) + 2 * 636 * 4096
+    # g_theta's default width min(d, 512) = 512: Linear(8192 -> 512) and Linear(512 -> 8192) on 64 kept tokens.
+    assert divico_flops.compressor == 64 * 2 * (2 * 4096 * 512 + 512 * 8192) + 2 * 636 * 4096
+    wide = count_flops(config, prompt, method="divico", keep_tokens=64, layer=2, compressor_hidden=4096)
+    assert wide.compressor == 64 * 2 * (2 * 4096 * 4096 + 4096 * 8192) + 2 * 636 * 4096
     assert divico_flops.scoring == 2 * 32 * 128 * 636
 
 

@@ -7,6 +7,7 @@ so shorter ones are left-padded, which matches the left padding that batched gen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,10 @@ class TokenSelection:
     def gather(self, x: torch.Tensor, seq_dim: int = 1, fill: float | int | bool | None = None) -> torch.Tensor:
         """Gather ``x`` at the kept positions along ``seq_dim`` (batch is the dimension before it).
 
+        One ``index_select`` of whole rows over the flattened (batch, sequence) dimensions (a row copy, not the
+        element-wise ``torch.gather`` of an expanded index), plus a ``masked_fill`` only when compression added
+        padding slots.
+
         Parameters
         ----------
         x
@@ -100,19 +105,35 @@ class TokenSelection:
         batch, width = self.index.shape
         if x.shape[seq_dim] != self.original_length:
             raise ValueError(f"Expected length {self.original_length} at dim {seq_dim}, got shape {tuple(x.shape)}.")
-        if x.shape[batch_dim] != batch:
-            sizes = list(x.shape)
-            sizes[batch_dim] = batch
-            x = x.expand(*sizes)
-        view = [1] * x.dim()
-        view[batch_dim], view[seq_dim] = batch, width
-        target = list(x.shape)
-        target[seq_dim] = width
-        out = x.gather(seq_dim, self.index.view(view).expand(target))
-        if fill is not None:
-            mask = self.valid.view(view).expand(target)
-            out = out.masked_fill(~mask, fill)
+        if x.shape[batch_dim] == batch:
+            flat = self._flat_index
+        elif x.shape[batch_dim] == 1:
+            flat = self.index.reshape(-1)  # every sample reads the one shared row
+        else:
+            raise ValueError(f"Expected batch size {batch} or 1 at dim {batch_dim}, got shape {tuple(x.shape)}.")
+        out = x.flatten(batch_dim, seq_dim).index_select(batch_dim, flat).unflatten(batch_dim, (batch, width))
+        if fill is not None and self._has_padding:
+            view = [1] * x.dim()
+            view[batch_dim], view[seq_dim] = batch, width
+            out = out.masked_fill(~self.valid.view(view), fill)
         return out
+
+    @functools.cached_property
+    def _flat_index(self) -> torch.Tensor:
+        """(B * M,) index of each compressed slot into the flattened (B * N) original sequence."""
+        batch, length = self.index.shape[0], self.original_length
+        offsets = torch.arange(batch, device=self.index.device).unsqueeze(1) * length
+        return (self.index + offsets).reshape(-1)
+
+    @functools.cached_property
+    def _has_padding(self) -> bool:
+        return not bool(self.valid.all())
+
+    @functools.cached_property
+    def kept_visual_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample, slot) index pair, each (R,), of the R kept visual tokens of the compressed sequence."""
+        sample, slot = self.kept_visual.nonzero(as_tuple=True)
+        return sample, slot
 
     def scatter_back(self, compressed: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Place compressed rows back at their original positions.

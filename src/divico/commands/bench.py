@@ -93,6 +93,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=0,
                         help="also time generate() with this many new tokens (0: prefill only)")
+    parser.add_argument("--encoder-hidden-size", type=_int_list, default=None,
+                        help="DiViCo's g_theta width(s), e.g. 512 or 4096,512: one divico row per width "
+                             "(default: CompressionConfig's default)")
     parser.add_argument("--reference-fastv", action="store_true",
                         help="add a fastv row scored like the official code (full N x N attention at K-1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -128,10 +131,18 @@ def _row_plan(args: argparse.Namespace) -> list[dict[str, Any]]:
         plan.append({"name": "none", "method": "none", "scoring": "sdpa", "layer": 0, "keep": None})
     for method in [m for m in args.methods if m != "none"]:
         layers = args.layer_k if get_method_class(method).level == "layer" else [0]
+        widths: list[int | None] = [None]
+        # Methods with a gap encoder (DiViCo) get one row per --encoder-hidden-size width.
+        if args.encoder_hidden_size and hasattr(get_method_class(method), "encoder_width"):
+            widths = list(args.encoder_hidden_size)
         for key, value in keeps:
             for layer in layers:
-                plan.append({"name": method, "method": method, "scoring": "sdpa", "layer": layer,
-                             "keep": {key: value}})
+                for width in widths:
+                    name = method if len(widths) == 1 else f"{method}-h{width}"
+                    entry = {"name": name, "method": method, "scoring": "sdpa", "layer": layer, "keep": {key: value}}
+                    if width is not None:
+                        entry["encoder_hidden_size"] = width
+                    plan.append(entry)
     if args.reference_fastv:
         for key, value in keeps:
             for layer in args.layer_k:
@@ -249,8 +260,9 @@ def _compression(plan: dict[str, Any]) -> CompressionConfig | None:
     """The plan's compression config (None for the uncompressed row)."""
     if plan["method"] == "none":
         return None
+    extra = {"encoder_hidden_size": plan["encoder_hidden_size"]} if plan.get("encoder_hidden_size") else {}
     return CompressionConfig(method=plan["method"], layer=max(plan["layer"], 1), scoring=plan["scoring"],
-                             **plan["keep"])
+                             **plan["keep"], **extra)
 
 
 def _remove(model: Any, attached: bool) -> None:
