@@ -15,7 +15,7 @@ from divico.selection import TokenSelection
 
 #: g_theta's hidden width when ``CompressionConfig.encoder_hidden_size`` is None: ``min(d, 512)``. On a 7B LLM
 #: (d = 4096) that is 8x narrower than d: 8.4M instead of 67M parameters, 1.1 instead of 8.6 GFLOPs per 64 kept
-#: tokens; on the default model (d = 576) it is 512 (docs/benchmarks.md, "DiViCo's g_theta width").
+#: tokens; on the default model (d = 576) it is 512 (docs/benchmarks.md, "DiViCo's overhead and g_theta's width").
 DEFAULT_MAX_ENCODER_WIDTH = 512
 
 
