@@ -22,6 +22,7 @@ The data is the demo's (``divico make-data --out ~/.cache/divico/demo-data``, ge
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -32,6 +33,18 @@ from typing import Any
 
 import torch
 
+import divico
+from divico.config import CompressionConfig
+from divico.methods.base import TextShape
+from divico.methods.divico import DiViCo, GapEncoder
+from divico.methods.fastv import FastV
+from divico.selection import TokenSelection, top_k_keep_mask
+from divico.training import TrainingConfig, train
+from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
+from divico_testbed.data import benchmark_data_current, write_benchmark_splits
+from divico_testbed.default_model import default_cache_root
+from divico_testbed.recipe import ASSETS_DIR, ATTENTION_LORA_TARGETS, RecipeConfig, load_base
+
 
 def _int_list(text: str) -> list[int]:
     return [int(item) for item in text.split(",") if item.strip()]
@@ -39,11 +52,6 @@ def _int_list(text: str) -> list[int]:
 
 # --- parts ----------------------------------------------------------------------------------------------------
 def run_parts(args: argparse.Namespace) -> int:
-    from divico.config import CompressionConfig
-    from divico.methods.divico import DiViCo
-    from divico.methods.fastv import FastV
-    from divico.selection import TokenSelection, top_k_keep_mask
-
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -71,8 +79,6 @@ def run_parts(args: argparse.Namespace) -> int:
         calls[name + " (g_theta only)"] = lambda encoder=encoder, rows=rows, pooled=pooled: encoder(rows, pooled)
     flops = {"fastv gather": 0, "mlp GEMM 124x4096x11008": 2 * short.shape[0] * d * mlp}
     for name, (method, _) in methods.items():
-        from divico.methods.base import TextShape
-
         shape = TextShape(hidden_size=d, num_heads=32, head_dim=128)
         total = method.overhead_flops(shape, length, keep)["compressor"]
         flops[name] = total
@@ -106,8 +112,6 @@ def run_parts(args: argparse.Namespace) -> int:
 
 def _encoder(method: Any, hidden_size: int, dtype: torch.dtype) -> torch.nn.Module:
     """An eval-mode g_theta with random (not zero) output weights, so the timed work is the real work."""
-    from divico.methods.divico import GapEncoder
-
     width = method.encoder_width(hidden_size)
     encoder = GapEncoder(hidden_size, width, variational=True, init_sigma=1e-2)
     torch.nn.init.normal_(encoder.fc2.weight, std=1.0 / math.sqrt(width))
@@ -116,13 +120,6 @@ def _encoder(method: Any, hidden_size: int, dtype: torch.dtype) -> torch.nn.Modu
 
 # --- widths ---------------------------------------------------------------------------------------------------
 def run_widths(args: argparse.Namespace) -> int:
-    import divico
-    from divico.training import TrainingConfig, train
-    from divico.training.data import LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
-    from divico_testbed.data import benchmark_data_current, write_benchmark_splits
-    from divico_testbed.default_model import default_cache_root
-    from divico_testbed.recipe import ASSETS_DIR, ATTENTION_LORA_TARGETS, RecipeConfig, load_base
-
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = RecipeConfig()
@@ -179,8 +176,6 @@ def run_widths(args: argparse.Namespace) -> int:
     for name, spec in evaluations.items():
         if name in scores:
             continue
-        import copy
-
         model = copy.deepcopy(base)
         if "checkpoint" in spec:
             divico.load_compressor(model, spec["checkpoint"])
