@@ -138,3 +138,19 @@ def test_bench_plans_one_divico_row_per_encoder_width() -> None:
     assert [row["name"] for row in plan] == ["none", "fastv", "divico-h8", "divico-h16"]
     assert [bench._compression(row).encoder_hidden_size for row in plan[2:]] == [8, 16]
     assert bench._compression(plan[1]).encoder_hidden_size is None
+
+
+def test_checkpoint_of_another_width_is_refused_with_a_clear_error(tmp_path):
+    import json
+
+    import divico
+    from tiny_models import tiny_llava
+
+    model = tiny_llava()
+    divico.apply_compression(model, CompressionConfig("divico", keep_ratio=0.25, encoder_hidden_size=8))
+    divico.save_compressor(model, tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["compression"]["encoder_hidden_size"] = None  # as an old checkpoint saved under the former default
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"(?s)do not fit the 'compressor' module.*encoder_hidden_size"):
+        divico.load_compressor(tiny_llava(), tmp_path)

@@ -125,5 +125,12 @@ def load_compressor(model: nn.Module, directory: str | Path) -> nn.Module:
     for name, module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).items():
         prefix = f"{name}."
         module_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        module.load_state_dict(module_state, strict=True)
+        try:
+            module.load_state_dict(module_state, strict=True)
+        except RuntimeError as error:  # shapes differ: another width than this config builds
+            raise ValueError(
+                f"Compressor weights at {directory} do not fit the {name!r} module this config builds: {error}. "
+                "A checkpoint whose config.json left a size to its default (e.g. encoder_hidden_size: null, "
+                "saved when that default was d) needs the size written into its config.json."
+            ) from error
     return model
