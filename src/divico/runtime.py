@@ -305,8 +305,8 @@ class CompressionRuntime:
             self.scorer.enabled = False
         groups = step.groups if step.groups is not None else torch.where(visual, 0, -1)
         # A method that does not score gets zeros to select from; its report says NaN (it did not score).
-        unscored = torch.zeros(batch, length, device=hidden.device)
-        keep = self.method.select(scores if scores is not None else unscored, visual, groups)
+        selection_scores = scores if scores is not None else torch.zeros(batch, length, device=hidden.device)
+        keep = self.method.select(selection_scores, visual, groups)
         selection = TokenSelection.from_keep_mask(keep, visual)
         compressed = self.method.compress(hidden, selection, self.compressor)
         step.selection = selection
