@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
+from tiny_models import randomize_compressor, sample, tiny_llava
 
+import divico
 from divico.config import CompressionConfig
 from divico.efficiency import build_config, count_flops
 from divico.efficiency.presets import PromptShape
@@ -120,9 +125,47 @@ def test_kl_is_float32_and_zero_for_no_rows() -> None:
     assert empty.dtype == torch.float32 and float(empty) == 0.0
     mu = torch.linspace(-1, 1, 12).view(3, 4)
     sigma = torch.linspace(0.2, 2.0, 12).view(3, 4)
-    closed = float((0.5 * (mu**2 + sigma**2 - 1 - 2 * sigma.log())).mean())
+    per_token = (0.5 * (mu**2 + sigma**2 - 1 - 2 * sigma.log())).sum(dim=1)  # Eq. 8: a sum over the 4 dimensions
+    closed = float(per_token.mean())
     assert float(gaussian_kl(mu.bfloat16(), sigma.log().bfloat16())) == pytest.approx(closed, rel=2e-2)
     assert gaussian_kl(mu.bfloat16(), sigma.log().bfloat16()).dtype == torch.float32
+
+
+def test_gap_statistics_are_the_gap_to_token_norm_ratio_and_sigma_mean() -> None:
+    """``last_stats`` by hand: g_theta made to output fixed (mu, log sigma) for every row."""
+    encoder = GapEncoder(4, 8, variational=True, init_sigma=1e-2, kl_reduction="sum")
+    mu = torch.tensor([3.0, 0.0, -4.0, 0.0])  # ||mu|| = 5
+    sigma = torch.tensor([0.5, 1.0, 2.0, 0.25])
+    with torch.no_grad():
+        encoder.fc2.bias.copy_(torch.cat([mu, sigma.log()]))
+    selected = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 6.0, 8.0, 0.0]])  # norms 1 and 10
+    gap = encoder.eval()(selected, torch.zeros(2, 4))
+    assert torch.equal(gap, mu.expand(2, 4))  # eval adds mu
+    assert float(encoder.last_stats["gap_norm_ratio"]) == pytest.approx((5 / 1 + 5 / 10) / 2)
+    assert float(encoder.last_stats["sigma_mean"]) == pytest.approx(float(sigma.mean()))
+    expected_kl = 0.5 * sum(m * m + s * s - 1 - 2 * math.log(s) for m, s in zip(mu.tolist(), sigma.tolist()))
+    assert float(encoder.last_kl.detach()) == pytest.approx(expected_kl, rel=1e-6)
+    deterministic = GapEncoder(4, 8, variational=False, init_sigma=1e-2)
+    with torch.no_grad():
+        deterministic.fc2.bias.copy_(mu)
+    deterministic(selected, torch.zeros(2, 4))
+    assert set(deterministic.last_stats) == {"gap_norm_ratio"} and deterministic.last_kl is None
+    encoder(selected[:0], torch.zeros(0, 4))
+    assert encoder.last_stats == {}
+    with pytest.raises(ValueError, match=r"kl_reduction must be one of \('sum', 'mean'\), got 'max'"):
+        GapEncoder(4, 8, variational=True, init_sigma=1e-2, kl_reduction="max")
+
+
+def test_a_float32_encoder_runs_on_bfloat16_hidden_states() -> None:
+    """Training keeps g_theta in float32; on a bf16 model without autocast it casts in and back out."""
+    selection, _ = _selection()
+    hidden = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(5))
+    encoder = _encoder(16, 8, torch.float32)
+    with torch.no_grad():
+        out = DiViCo(CompressionConfig("divico", keep_tokens=4)).compress(hidden.bfloat16(), selection, encoder)
+        expected = _reference(hidden.bfloat16(), selection, encoder)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_bench_plans_one_divico_row_per_encoder_width() -> None:
@@ -141,11 +184,6 @@ def test_bench_plans_one_divico_row_per_encoder_width() -> None:
 
 
 def test_checkpoint_of_another_width_is_refused_with_a_clear_error(tmp_path):
-    import json
-
-    import divico
-    from tiny_models import tiny_llava
-
     model = tiny_llava()
     divico.apply_compression(model, CompressionConfig("divico", keep_ratio=0.25, encoder_hidden_size=8))
     divico.save_compressor(model, tmp_path)
@@ -154,3 +192,24 @@ def test_checkpoint_of_another_width_is_refused_with_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"(?s)do not fit the 'compressor' module.*encoder_hidden_size"):
         divico.load_compressor(tiny_llava(), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["fastv", "divico", "deco"])
+def test_bf16_engine_applies_and_generates(method) -> None:
+    """A bf16 model, compressed (g_theta / projector perturbed so they act): forward and greedy generate agree."""
+    model = tiny_llava().to(torch.bfloat16)
+    divico.apply_compression(model, CompressionConfig(method, keep_ratio=0.25, layer=2))
+    randomize_compressor(model)
+    if method == "divico":
+        assert model.divico_compressor.fc1.weight.dtype == torch.bfloat16  # attach casts g_theta to the base
+    inputs = sample()
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        report = divico.last_report(model)
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+    assert report.num_kept.tolist() == [16]
+    assert generated[0, inputs["input_ids"].shape[1]] == logits[0, -1].argmax()
+    if method == "divico":
+        assert report.kl.dtype == torch.float32 and float(report.kl) > 0

@@ -135,8 +135,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     wider = type(model)(config)
     with pytest.raises(ValueError, match="saved for hidden size 64, but this model's hidden size is 96"):
         divico.load_compressor(wider, tmp_path / "divico")
-    with pytest.raises(ValueError, match="DeCo cannot pool a 8x8 patch grid to 13 tokens"):
-        divico.apply_compression(model, divico.CompressionConfig("deco", keep_tokens=13))
+    with pytest.raises(ValueError, match="keep_tokens=65 exceeds the 64 tokens of one 8x8 image/frame grid"):
+        divico.apply_compression(model, divico.CompressionConfig("deco", keep_tokens=65))
         model(**sample())
     divico.remove_compression(model)
     right_padded = sample()

@@ -95,8 +95,9 @@ def test_deco_pools_each_item_grid(model):
     with torch.no_grad():
         out = model(**batch, use_cache=True)
     report = divico.last_report(model)
-    # Image 4x4 -> 2x2, image 2x6 -> 1x4, video 2 x (2x4) -> 2 x (1x4): 16 -> 4 and 28 -> 12, every layer.
-    assert report.num_visual.tolist() == [16, 28] and report.num_kept.tolist() == [4, 12]
+    # Image 4x4 -> 2x2; image 2x6 -> 1x4 (2x3 windows); each video frame 2x4 -> 1x2 (2x2 windows; 1x4 and 2x2 would
+    # make 2:1 windows, so DeCo pools to the nearest near-square count): 16 -> 4 and 28 -> 4 + 2 x 2 = 8.
+    assert report.num_visual.tolist() == [16, 28] and report.num_kept.tolist() == [4, 8]
     assert [(g.t, g.h, g.w) for g in report.extra["pooled_grids"][0]] == [(1, 2, 2), (1, 1, 4)]
     assert [out.cache.get_seq_length(i) for i in range(4)] == [length - (16 - 4)] * 4
 

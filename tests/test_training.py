@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -322,14 +326,17 @@ def test_training_with_visual_words_adds_and_lowers_the_word_loss(tmp_path: Path
                             batch["visual_word_weights"])
     assert float(word.detach()) > 0
     assert float(loss.detach()) == pytest.approx(float(outputs.loss.detach()) + 0.7 * float(word.detach()), rel=1e-5)
-    # Logged KL and word loss are means over each logging window, each reset on its own.
-    trainer._kl_sum, trainer._kl_count, trainer._word_sum, trainer._word_count = 3.0, 2, 0.0, 0
+    # Logged means are over each logging window (from its micro-batches only), each reset on its own.
+    trainer.log({"loss": 0.0})  # empties the window of the compute_loss above
+    for name, value in (("kl", 1.0), ("kl", 2.0), ("sigma_mean", 0.25)):
+        trainer.record(name, value)
     trainer.log({"loss": 1.0})
-    trainer._kl_sum, trainer._kl_count, trainer._word_sum, trainer._word_count = 0.5, 1, 6.0, 3
+    for name, value in (("kl", 0.5), ("visual_word_loss", 1.0), ("visual_word_loss", 2.0), ("visual_word_loss", 3.0)):
+        trainer.record(name, value)
     trainer.log({"loss": 1.0})
     first, second = trainer.state.log_history[-2:]
-    assert (first["kl"], first["beta"], "visual_word_loss" in first) == (1.5, 0.0, False)
-    assert (second["kl"], second["visual_word_loss"]) == (0.5, 2.0)
+    assert (first["kl"], first["beta"], first["sigma_mean"], "visual_word_loss" in first) == (1.5, 0.0, 0.25, False)
+    assert (second["kl"], second["visual_word_loss"], "sigma_mean" in second) == (0.5, 2.0, False)
 
     result = train(tiny_llava(), processor, config_for(
         tmp_path, data, images, compression=keep_all, visual_word_weight=1.0, max_steps=30, lora_r=8))
@@ -340,21 +347,52 @@ def test_training_with_visual_words_adds_and_lowers_the_word_loss(tmp_path: Path
 
 # --- loss ----------------------------------------------------------------------------------------------------------
 def test_gaussian_kl_matches_closed_form_on_hand_made_mu_sigma() -> None:
+    """Eq. 8: per kept token the KL of its 3-dimensional Gaussian (a sum over dimensions), averaged over tokens."""
     mu = torch.tensor([[0.0, 1.0, -2.0], [0.5, 0.0, 3.0]])
     sigma = torch.tensor([[1.0, 0.5, 2.0], [0.1, 1.0, 1.5]])
-    expected = sum(
-        0.5 * (m * m + s * s - 1.0 - 2.0 * math.log(s)) for m, s in zip(mu.flatten().tolist(), sigma.flatten().tolist())
-    ) / mu.numel()
+    per_token = [
+        sum(0.5 * (m * m + s * s - 1.0 - 2.0 * math.log(s)) for m, s in zip(mu_row, sigma_row))
+        for mu_row, sigma_row in zip(mu.tolist(), sigma.tolist())
+    ]
+    expected = sum(per_token) / 2
     assert float(gaussian_kl(mu, sigma.log())) == pytest.approx(expected, rel=1e-6)
+    assert float(gaussian_kl(mu, sigma.log(), reduction="sum")) == pytest.approx(expected, rel=1e-6)
+    assert float(gaussian_kl(mu, sigma.log(), reduction="mean")) == pytest.approx(expected / 3, rel=1e-6)
     assert float(gaussian_kl(torch.zeros(4, 3), torch.zeros(4, 3))) == 0.0
+    with pytest.raises(ValueError, match=r"reduction must be one of \('sum', 'mean'\), got 'batchmean'"):
+        gaussian_kl(mu, sigma.log(), reduction="batchmean")
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_training_loss_is_lm_loss_plus_beta_times_closed_form_kl(tmp_path: Path, beta: float) -> None:
+def test_kl_reduction_is_validated_saved_and_read_back(tmp_path: Path) -> None:
+    assert divico.CompressionConfig("divico", keep_ratio=0.25).kl_reduction == "sum"
+    with pytest.raises(ValueError, match=r"kl_reduction must be one of \('sum', 'mean'\), got 'avg'"):
+        divico.CompressionConfig("divico", keep_ratio=0.25, kl_reduction="avg")  # type: ignore[arg-type]
+    for reduction in ("sum", "mean"):
+        model = tiny_llava()
+        divico.apply_compression(model, divico.CompressionConfig("divico", keep_ratio=0.25, kl_reduction=reduction))
+        assert model.divico_compressor.kl_reduction == reduction
+        divico.save_compressor(model, tmp_path / reduction)
+        saved = json.loads((tmp_path / reduction / "config.json").read_text())
+        assert saved["compression"]["kl_reduction"] == reduction
+        loaded = divico.load_compressor(tiny_llava(), tmp_path / reduction)
+        assert divico.compression_config(loaded).kl_reduction == reduction
+        assert loaded.divico_compressor.kl_reduction == reduction
+    # A checkpoint written before the field existed was trained with the per-dimension mean and loads so.
+    meta = json.loads((tmp_path / "sum" / "config.json").read_text())
+    del meta["compression"]["kl_reduction"]
+    (tmp_path / "sum" / "config.json").write_text(json.dumps(meta))
+    assert divico.compression_config(divico.load_compressor(tiny_llava(), tmp_path / "sum")).kl_reduction == "mean"
+
+
+@pytest.mark.parametrize(("beta", "kl_reduction"), [(0.0, "sum"), (0.5, "sum"), (0.5, "mean")])
+def test_training_loss_is_lm_loss_plus_beta_times_closed_form_kl(
+    tmp_path: Path, beta: float, kl_reduction: str
+) -> None:
     data, images = write_color_data(tmp_path, 4)
     processor = tiny_processor()
     model = tiny_llava()
-    config = config_for(tmp_path, data, images, beta=beta)
+    compression = divico.CompressionConfig("divico", keep_ratio=0.25, layer=2, kl_reduction=kl_reduction)
+    config = config_for(tmp_path, data, images, beta=beta, compression=compression)
     runtime = prepare_model_for_training(model, config)
     hidden = runtime.adapter.hidden_size()
     mu = torch.linspace(-1.0, 1.0, hidden)
@@ -362,7 +400,9 @@ def test_training_loss_is_lm_loss_plus_beta_times_closed_form_kl(tmp_path: Path,
     with torch.no_grad():  # g_theta outputs the same hand-made (mu, log sigma) for every kept token
         model.divico_compressor.fc2.weight.zero_()
         model.divico_compressor.fc2.bias.copy_(torch.cat([mu, sigma.log()]))
-    closed_form = float((0.5 * (mu**2 + sigma**2 - 1.0 - 2.0 * sigma.log())).mean())
+    per_dimension = 0.5 * (mu**2 + sigma**2 - 1.0 - 2.0 * sigma.log())
+    # Eq. 8 sums over the d = 64 dimensions (every kept token has the same Gaussian); "mean" divides by d.
+    closed_form = float(per_dimension.sum() if kl_reduction == "sum" else per_dimension.mean())
     dataset = LlavaJsonDataset(data, processor, images)
     trainer = DiViCoTrainer(
         model=model, args=build_training_arguments(config), train_dataset=dataset,
@@ -416,7 +456,12 @@ def test_loss_falls_and_trained_parts_reload_with_identical_logits(tmp_path: Pat
     model = tiny_llava()
     result = train(model, processor, config_for(tmp_path, data, images, max_steps=12))
     losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
-    assert len(losses) == 12 and all("kl" in entry for entry in result.log_history if "loss" in entry)
+    logged = [entry for entry in result.log_history if "loss" in entry]
+    assert len(losses) == 12 and all({"kl", "gap_norm_ratio", "sigma_mean"} <= set(entry) for entry in logged)
+    # The untrained encoder starts at sigma = init_sigma = 0.01, so the first KL is Eq. 8's at mu = 0 (d = 64).
+    assert logged[0]["sigma_mean"] == pytest.approx(0.01, rel=1e-4)
+    assert logged[0]["kl"] == pytest.approx(64 * 0.5 * (0.01**2 - 1 - 2 * math.log(0.01)), rel=1e-4)
+    assert logged[0]["gap_norm_ratio"] > 0 and logged[-1]["sigma_mean"] > logged[0]["sigma_mean"]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     assert sorted(p.name for p in result.output_dir.iterdir()) == [
         "checkpoints", "compressor.safetensors", "config.json", "lora", "training_config.json"]
@@ -598,3 +643,94 @@ def test_warm_start_begins_from_the_earlier_run_and_refuses_a_mismatch(tmp_path:
               config_for(tmp_path / "method", data, images, method="deco", init_from=first.output_dir))
     with pytest.raises(FileNotFoundError, match="init_from='.*nowhere' is not the output folder"):
         config_for(tmp_path, data, images, init_from=tmp_path / "nowhere")
+
+
+# --- dtypes and several processes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["divico", "deco"])
+def test_bf16_base_trains_without_autocast_then_generates(tmp_path: Path, method: str) -> None:
+    """A bf16 base, bf16=False, via the Python API: float32 trained parts, then eval and generate (also reloaded)."""
+    data, images = write_color_data(tmp_path, 4)
+    processor = tiny_processor()
+    model = tiny_llava().to(torch.bfloat16)
+    result = train(model, processor, config_for(tmp_path, data, images, method=method, max_steps=2, lora_dropout=0.1))
+    assert result.global_step == 2
+    runtime = divico.get_runtime(model)
+    trained = runtime.method.trainable_modules(runtime.adapter, runtime.compressor)
+    assert all(p.dtype == torch.float32 for module in trained.values() for p in module.parameters())
+    assert model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16  # the base stays bf16
+    batch = LeftPaddingCollator(0)([LlavaJsonDataset(data, processor, images)[i] for i in range(2)])
+    batch.pop("labels")
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        generated = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+    assert generated[:, -2].tolist() == logits[:, -1].argmax(-1).tolist()  # greedy's first token is the argmax
+    fresh = divico.load_compressor(tiny_llava().to(torch.bfloat16), result.output_dir)
+    with torch.no_grad():
+        reloaded = fresh.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert reloaded.shape == generated.shape
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_two_process_cpu_training_with_text_only_micro_batches(tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` on a CPU-only machine: two gloo processes share the data.
+
+    (``accelerate launch --cpu --num_processes 2`` starts one process.) Half the records are text-only, so with
+    batch size 1 some micro-batches of one process have no image while the other's do: g_theta's gradients must
+    still be all-reduced (no hang) and the logged KL combine both processes.
+    """
+    data, images = write_color_data(tmp_path, 4)
+    records = json.loads(data.read_text())
+    records += [{"id": f"t{index}", "conversations": [
+        {"from": "human", "value": "what shape"}, {"from": "gpt", "value": "circle"}]} for index in range(4)]
+    data.write_text(json.dumps(records))
+    model_dir = tmp_path / "base"
+    tiny_llava().save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    out = tmp_path / "out"
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        "-m", "divico.cli", "train", "--model", str(model_dir), "--data", str(data), "--image-folder", str(images),
+        "--output", str(out), "--method", "divico", "--keep-ratio", "0.25", "--lora-r", "2", "--max-steps", "4",
+        "--batch-size", "1", "--gradient-checkpointing", "--no-progress", "--logging-steps", "1", "--lr", "5e-3",
+    ]
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=240)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    # 4 steps x 2 processes x batch 1 = the 8 records once: one process alone would be half-way (epoch 0.5).
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(1.0)
+    assert any("kl" in entry for entry in state["log_history"])
+    fresh = tiny_llava()
+    divico.load_compressor(fresh, out)
+    batch = LeftPaddingCollator(0)([LlavaJsonDataset(data, tiny_processor(), images)[i] for i in range(2)])
+    batch.pop("labels")
+    with torch.no_grad():
+        trained, base = fresh(**batch).logits, tiny_llava()(**batch).logits
+    assert not torch.allclose(trained, base, atol=1e-4)
+
+
+def test_warm_start_from_another_rate_and_a_checkpoint_without_kl_reduction(tmp_path: Path) -> None:
+    """The new run's config governs a warm start; only the weights of the earlier run are taken."""
+    data, images = write_color_data(tmp_path, 4)
+    processor = tiny_processor()
+    first = train(tiny_llava(), processor, config_for(tmp_path / "first", data, images, max_steps=1))
+    meta = json.loads((first.output_dir / "config.json").read_text())
+    del meta["compression"]["kl_reduction"]  # as a checkpoint written before the field (read as "mean")
+    (first.output_dir / "config.json").write_text(json.dumps(meta))
+    other_rate = divico.CompressionConfig("divico", keep_ratio=0.5, layer=2)
+    start = tmp_path / "start"
+    train(tiny_llava(), processor, config_for(tmp_path / "second", data, images, max_steps=1, compression=other_rate,
+                                                init_from=first.output_dir), callbacks=[SaveAtStart(start)])
+    began, earlier = trained_tensors(start), trained_tensors(first.output_dir)
+    assert began.keys() == earlier.keys() and all(torch.equal(began[name], earlier[name]) for name in earlier)
+    assert json.loads((start / "config.json").read_text())["compression"]["keep_ratio"] == 0.5
+    assert json.loads((start / "config.json").read_text())["compression"]["kl_reduction"] == "sum"

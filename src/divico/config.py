@@ -13,6 +13,10 @@ from divico.registry import available_methods
 
 ENCODER_CHOICES = ("variational", "deterministic", "none")
 SCORING_CHOICES = ("sdpa", "full_attention")
+#: How DiViCo's KL term reduces over the d dimensions of a kept token's Gaussian (see ``CompressionConfig``).
+KL_REDUCTIONS = ("sum", "mean")
+#: ``kl_reduction`` of a saved config that predates the field: every such checkpoint was trained with the mean.
+LEGACY_KL_REDUCTION = "mean"
 
 
 @dataclass
@@ -28,8 +32,10 @@ class CompressionConfig:
         where ``Nv`` counts all visual tokens of the sample (several images form one pool).
     keep_tokens
         Number of visual tokens kept per sample (all images of a sample form one pool). Exactly one of
-        ``keep_ratio`` / ``keep_tokens`` must be given. For ``deco`` it is the pooled count *per image* and must
-        be a product ``h * w`` reachable from the patch grid (e.g. 64 = 8 x 8 for a 24 x 24 grid).
+        ``keep_ratio`` / ``keep_tokens`` must be given. For ``deco`` it is the target count *per image* (or frame),
+        at most its patch grid's cells; DeCo pools to the near-square grid of that many cells, or of the nearest
+        count that has one (e.g. 64 -> 8 x 8 but 96 -> 9 x 11 = 99 on a 24 x 24 grid; see
+        :func:`divico.methods.deco.pooled_grid`), and reports the count it kept.
     layer
         K: the decoder layer whose input is compressed; layers ``< K`` see every token, layers ``>= K`` only the
         kept ones. Valid range [1, num_hidden_layers - 1]. Ignored by input-level methods (``deco``).
@@ -53,6 +59,14 @@ class CompressionConfig:
         reference for benchmarks. Both give the same scores.
     per_frame_keep
         For video inputs: keep the same share of tokens in every frame instead of one pool per sample.
+    kl_reduction
+        DiViCo's KL term (variational encoder): ``"sum"`` (default, the paper's Eq. 8) is, per kept token, the KL of
+        its d-dimensional Gaussian N(mu, diag(sigma^2)) to N(0, I), a sum over the d dimensions, averaged over the
+        kept tokens; the paper's beta = 0.02 applies to it. ``"mean"`` also averages over the d dimensions (the KL
+        divided by d; beta then acts d times weaker: 576x on a d = 576 LLM, 4096x on LLaVA-1.5-7B). It sets the KL
+        that training adds to the loss and that :func:`divico.last_report` reports; inference outputs do not
+        depend on it. Saved configs without this field (checkpoints written before 2026-12) were trained with
+        ``"mean"`` and :meth:`from_dict` reads them so.
     """
 
     method: str = "divico"
@@ -64,6 +78,7 @@ class CompressionConfig:
     init_sigma: float = 1e-2
     scoring: Literal["sdpa", "full_attention"] = "sdpa"
     per_frame_keep: bool = False
+    kl_reduction: Literal["sum", "mean"] = "sum"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +112,8 @@ class CompressionConfig:
             raise ValueError(f"scoring must be one of {SCORING_CHOICES}, got {self.scoring!r}.")
         if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
             raise ValueError(f"encoder_hidden_size must be >= 1 or None, got {self.encoder_hidden_size!r}.")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}.")
         if not (self.init_sigma > 0.0):
             raise ValueError(f"init_sigma must be > 0, got {self.init_sigma!r}.")
 
@@ -115,11 +132,22 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompressionConfig":
+        """The config :meth:`to_dict` wrote (e.g. the ``compression`` entry of a checkpoint's ``config.json``).
+
+        A dict without ``kl_reduction`` was saved before that field existed, when the KL was the per-dimension
+        mean: it is read as ``kl_reduction="mean"`` (:data:`LEGACY_KL_REDUCTION`), so a loaded checkpoint reports
+        and continues training with the KL it was trained with. Every other missing field takes its default.
+
+        Raises
+        ------
+        ValueError
+            On unknown fields, or invalid values (as the constructor).
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Unknown CompressionConfig fields {unknown}; known: {sorted(known)}.")
-        return cls(**data)
+        return cls(**{"kl_reduction": LEGACY_KL_REDUCTION, **data})
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))

@@ -28,11 +28,14 @@ class CompressionReport:
     num_visual
         (B,) visual tokens per sample before compression.
     num_kept
-        (B,) visual tokens per sample after compression.
+        (B,) visual tokens per sample after compression: the count really kept (DeCo may pool to a near-square
+        count next to its target, see :func:`divico.methods.deco.pooled_grid`).
     seq_len_before, seq_len_after
         Sequence length (padded batch) entering layer K before and after compression.
     kl
-        DiViCo's KL term of this forward (None for methods without one).
+        DiViCo's KL term of this forward, float32 (None for methods without one): by default Eq. 8, per kept token
+        the KL of its d-dimensional Gaussian summed over dimensions, averaged over the kept tokens of the batch;
+        divided by d with ``CompressionConfig(kl_reduction="mean")``.
     """
 
     method: str

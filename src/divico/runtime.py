@@ -161,7 +161,9 @@ class CompressionRuntime:
             self._step = _Step(phase="passthrough")
             if bool(visual.any()):
                 raise ValueError(
-                    f"divico needs a 2-D (batch, seq) attention_mask, got shape {tuple(attention_mask.shape)}."
+                    f"divico needs a 2-D (batch, seq) attention_mask for a prompt with visual tokens, got a "
+                    f"{attention_mask.dim()}-D mask of shape {tuple(attention_mask.shape)}; pass the processor's "
+                    f"(batch, seq) 0/1 mask (expected shape {tuple(visual.shape)})."
                 )
             return None
         # A cache this runtime filled: a decode step (a generated id may equal the image token id).
@@ -173,8 +175,9 @@ class CompressionRuntime:
         if bool(visual.any()):
             if past > 0:
                 raise ValueError(
-                    f"The prompt has visual tokens but the cache already holds {past} tokens; divico compresses "
-                    "images in the prefill only. Start from an empty cache (or remove_compression first)."
+                    f"The prompt has visual tokens but the cache already holds {past} tokens (valid: 0, an empty "
+                    "cache); divico compresses images in the prefill only. Start from an empty cache (or "
+                    "remove_compression first)."
                 )
             if attention_mask is not None and not bool(attention_mask[:, -1].bool().all()):
                 raise ValueError(
@@ -184,7 +187,13 @@ class CompressionRuntime:
             query_positions = _scoring_positions(kwargs.get("labels"), visual.shape[1])
             at_query = visual[:, -1] if query_positions is None else visual.gather(1, query_positions[:, None])[:, 0]
             if bool(at_query.any()):
-                raise ValueError("The last prompt token is a visual token; the prompt must end with text.")
+                sample = int(at_query.nonzero()[0, 0])
+                position = visual.shape[1] - 1 if query_positions is None else int(query_positions[sample])
+                raise ValueError(
+                    f"The last prompt token of sample {sample} (position {position} of {visual.shape[1]}) is a visual "
+                    "token; the prompt must end with text: at least one text token after the last visual token "
+                    "(its attention scores the visual tokens)."
+                )
             self._step = _Step(phase="prefill", attention_mask_2d=attention_mask, visual=visual)
             if isinstance(self.method, InputCompressionMethod):
                 return self._rewrite_inputs_for_prefill(args, kwargs, input_ids, visual)

@@ -26,10 +26,11 @@ from divico_testbed.data import (
     load_eval_records,
     load_llava_conversations,
     load_scenes,
+    sizes_for_test_groups,
     write_benchmark_splits,
     write_multiturn_training,
 )
-from divico_testbed.data.benchmarks import OPTION_HINT, SHORT_ANSWER_HINT
+from divico_testbed.data.benchmarks import OPTION_HINT, SEED_SLOTS, SHORT_ANSWER_HINT
 from divico_testbed.data.scenes import (
     COLORS,
     SHAPE_PLURALS,
@@ -45,7 +46,7 @@ _WORD_TO_NUMBER = {w: i for i, w in enumerate(
 _CONSISTENCY_SIZES = {
     "train": {name: 0 for name in (*BENCHMARKS, "caption")},
     "validation": {name: 0 for name in (*BENCHMARKS, "caption")},
-    "test": {"textvqa": 60, "pope": 20, "mme": 40, "mmbench": 40, "gqa": 60, "caption": 0},
+    "test": {"vqav2": 60, "pope": 20, "mme": 40, "mmbench": 40, "gqa": 60, "caption": 0},
 }
 
 
@@ -122,14 +123,49 @@ def _sign_text(scene: Scene, question: str) -> str:
     return scene.signs[0].text
 
 
-def _expected_textvqa(scene: Scene, question: str) -> str:
+def _in_cell(scene: Scene, position: str) -> Any:
+    matches = [o for o in scene.objects if o.position == position]
+    assert len(matches) == 1, f"no object at {position}"
+    return matches[0]
+
+
+_STEPS = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+
+
+def _expected_vqav2(scene: Scene, question: str) -> str:
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        return _only_shape(scene, m.group(1)).color
+    if m := re.fullmatch(r"What color is the (\w+) at the ([a-z ]+) of the image\?", question):
+        obj = _in_cell(scene, m.group(2))
+        assert obj.shape == m.group(1)
+        return obj.color
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        matches = [o for o in scene.objects if o.color == m.group(1)]
+        assert len(matches) == 1
+        return matches[0].shape
+    if m := re.fullmatch(r"What shape is at the ([a-z ]+) of the image\?", question):
+        return _in_cell(scene, m.group(1)).shape
+    if question == "How many shapes are there?":
+        return str(len(scene.objects))
     if m := re.fullmatch(r"How many (\w+) shapes are there\?", question):
         return str(scene.count(color=m.group(1)))
     if m := re.fullmatch(r"How many (\w+) are there\?", question):
         return str(scene.count(shape=_PLURAL_TO_SHAPE[m.group(1)]))
-    if m := re.fullmatch(r"What color is the (\w+)\?", question):
-        return _only_shape(scene, m.group(1)).color
-    return _sign_text(scene, question).lower()
+    if m := re.fullmatch(r"Where is the (\w+ \w+)\?", question):
+        return _by_name(scene, m.group(1)).position
+    if m := re.fullmatch(r"Where is the (\w+)\?", question):
+        return _only_shape(scene, m.group(1)).position
+    if m := re.fullmatch(r"What is directly (to the left of|to the right of|above|below) the (\w+ \w+)\?", question):
+        target = _by_name(scene, m.group(2))
+        d_row, d_col = _STEPS[m.group(1)]
+        cells = {(o.row, o.col): o.name for o in scene.objects} | {(s.row, s.col): "sign" for s in scene.signs}
+        row, col = target.row + d_row, target.col + d_col
+        while (row, col) not in cells:
+            assert 0 <= row < 3 and 0 <= col < 3, "nothing in that direction"
+            row, col = row + d_row, col + d_col
+        assert cells[(row, col)] != "sign"
+        return cells[(row, col)]
+    raise AssertionError(f"unrecognised question {question!r}")
 
 
 def _expected_yes_no(scene: Scene, question: str) -> str:
@@ -196,9 +232,10 @@ def _expected_gqa(scene: Scene, question: str) -> str:
 
 def test_answers_follow_from_scene_ground_truth(consistency_dir: Path) -> None:
     scenes = load_scenes(consistency_dir, "test")
-    for record in load_eval_records(consistency_dir, "textvqa", "test"):
-        expected = _expected_textvqa(scenes[record["image"]], record["question"])
-        assert record["answers"][0] == expected and len(record["answers"]) == 10
+    for record in load_eval_records(consistency_dir, "vqav2", "test"):
+        expected = _expected_vqav2(scenes[record["image"]], record["question"])
+        assert record["answer"] == expected and len(record["answers"]) == 10
+        assert 5 <= record["answers"].count(expected) <= 8, record  # the canonical answer stays at accuracy 100
     for benchmark in ("pope", "mme"):
         for record in load_eval_records(consistency_dir, benchmark, "test"):
             assert record["answer"] == _expected_yes_no(scenes[record["image"]],
@@ -212,8 +249,8 @@ def test_answers_follow_from_scene_ground_truth(consistency_dir: Path) -> None:
 
 
 def test_categories_and_mmbench_rotations(consistency_dir: Path) -> None:
-    textvqa = Counter(r["category"] for r in load_eval_records(consistency_dir, "textvqa", "test"))
-    assert set(textvqa) == {"ocr", "count", "color"}
+    vqav2 = Counter(r["category"] for r in load_eval_records(consistency_dir, "vqav2", "test"))
+    assert vqav2 == {c: 12 for c in ("color", "shape", "count", "position", "relation")}
     mme = load_eval_records(consistency_dir, "mme", "test")
     assert Counter(r["subtask"] for r in mme) == {
         s: 16 for s in ("existence", "count", "position", "color", "ocr")}
@@ -248,10 +285,10 @@ def test_pope_labels_balanced_per_split_type(consistency_dir: Path) -> None:
 
 
 def test_ground_truth_answers_score_perfectly(consistency_dir: Path) -> None:
-    perfect = {"textvqa": 100.0, "pope": 100.0, "mme": 5 * 200.0, "mmbench": 100.0, "gqa": 100.0}
+    perfect = {"vqav2": 100.0, "pope": 100.0, "mme": 5 * 200.0, "mmbench": 100.0, "gqa": 100.0}
     for benchmark, best in perfect.items():
         records = load_eval_records(consistency_dir, benchmark, "test")
-        truth = [r["answers"][0] if "answers" in r else r["answer"] for r in records]
+        truth = [r["answer"] for r in records]
         assert score_benchmark(benchmark, truth, records)["score"] == pytest.approx(best)
 
 
@@ -349,6 +386,43 @@ def test_make_data_cli(tmp_path: Path) -> None:
     record = load_eval_records(out, "pope", "validation")[0]
     assert Image.open(out / record["image"]).size == (96, 96)
     assert (out / "manifest.json").is_file()
+    assert main(["make-data", "--out", str(tmp_path / "grown"), "--small", "--test-groups", "7",
+                 "--no-progress"]) == 0
+    assert len(load_eval_records(tmp_path / "grown", "pope", "test")) == 12  # ceil(7 / 6) images x 6
+    assert len(load_eval_records(tmp_path / "grown", "mmbench", "test")) == 7 * 4
+    assert main(["make-data", "--out", str(tmp_path / "bad"), "--test-groups", "0", "--no-progress"]) == 2
+
+
+def test_vqav2_references_vary_like_annotators(consistency_dir: Path) -> None:
+    records = load_eval_records(consistency_dir, "vqav2", "test")
+    counts = [r for r in records if r["category"] == "count"]
+    # Digits, number words and the count with its noun ("2", "two", "2 circles"), as VQAv2's annotators answer.
+    assert any(_WORD_TO_NUMBER.get(a) == int(r["answer"]) for r in counts for a in r["answers"])
+    assert any(re.fullmatch(rf"{r['answer']} [a-z ]+", a) for r in counts for a in r["answers"])
+    assert any(len(set(r["answers"])) > 1 for r in records)
+    # A variant given by fewer than 3 annotators scores below 100 (VQA accuracy), the canonical answer 100.
+    record = next(r for r in records if 0 < sum(a != r["answer"] for a in r["answers"]) and
+                  min(r["answers"].count(a) for a in r["answers"]) < 3)
+    rare = min(set(record["answers"]), key=record["answers"].count)
+    assert score_benchmark("vqav2", [rare], [record])["score"] < 100.0
+    assert score_benchmark("vqav2", [record["answer"]], [record])["score"] == pytest.approx(100.0)
+    assert not any(r["category"] == "ocr" for r in records)  # sign text is asked only where it is legible
+
+
+def test_a_larger_test_split_starts_with_the_same_questions(tmp_path: Path) -> None:
+    empty = {name: 0 for name in (*BENCHMARKS, "caption")}
+    small = {"train": empty, "validation": empty, "test": sizes_for_test_groups(6)}
+    large = {"train": empty, "validation": empty, "test": sizes_for_test_groups(13)}
+    write_benchmark_splits(tmp_path / "small", sizes=small, show_progress=False)
+    write_benchmark_splits(tmp_path / "large", sizes=large, show_progress=False)
+    for benchmark in BENCHMARKS:
+        first = load_eval_records(tmp_path / "small", benchmark, "test")
+        assert load_eval_records(tmp_path / "large", benchmark, "test")[:len(first)] == first
+    assert sizes_for_test_groups(13) == {"vqav2": 13, "pope": 3, "mme": 13, "mmbench": 13, "gqa": 13, "caption": 0}
+    assert benchmark_data_current(tmp_path / "small", small)
+    assert not benchmark_data_current(tmp_path / "small", large)  # other sizes: regenerate
+    with pytest.raises(ValueError, match="test groups must be an int >= 1, got 0"):
+        sizes_for_test_groups(0)
 
 
 def _expected_turn_answer(scene: Scene, prompt: str) -> str:
@@ -366,7 +440,7 @@ def _expected_turn_answer(scene: Scene, prompt: str) -> str:
     try:
         return _expected_gqa(scene, question)
     except AssertionError:
-        return _expected_textvqa(scene, question)
+        return _expected_vqav2(scene, question)
 
 
 def test_multiturn_training_file(small_dirs: tuple[Path, Path, Path]) -> None:
@@ -436,3 +510,10 @@ def test_multiturn_choice_orders_repeat_each_question_behind_other_letters(
     assert checked
     with pytest.raises(ValueError, match=r"choice_orders must be an int in \[1, 21\], got 22"):
         write_multiturn_training(root, choice_orders=22)
+
+
+def test_seed_slots_leave_the_removed_sets_seeds_unused(small_dirs: tuple[Path, Path, Path]) -> None:
+    assert SEED_SLOTS == {"pope": 1, "mme": 2, "mmbench": 3, "gqa": 4, "caption": 5, "vqav2": 7}
+    # Scene seed = ((seed * 3 + split) * 8 + slot) * 1e6 + index: seed 0, test split (2), vqav2 (slot 7).
+    seeds = sorted(scene.seed for image, scene in load_scenes(small_dirs[0], "test").items() if "/vqav2/" in image)
+    assert seeds[0] >= (2 * 8 + 7) * 1_000_000 and seeds[-1] < (2 * 8 + 8) * 1_000_000

@@ -23,12 +23,20 @@ from divico_testbed.data import (
 )
 from divico_testbed.demo import (
     RUN_TITLES,
+    DemoConfig,
     assets_fingerprint,
+    comparison_pairs,
+    cpu_supports_native_bf16,
     demo_runs,
+    format_differences,
+    format_fidelity,
     format_table1,
     format_table3,
+    interleaved_timings,
     method_title,
     relative_improvement,
+    resolve_timing_dtype,
+    timing_summary,
 )
 from divico_testbed.evaluation import best_constant_scores
 from divico_testbed.recipe import (
@@ -171,22 +179,80 @@ def test_demo_results_are_keyed_by_checkpoint_content(tmp_path):
 
 
 def test_tables_compute_improvement_and_ratios_by_hand():
-    benchmarks = ("textvqa", "pope")
+    benchmarks = ("vqav2", "pope")
     results = {
-        "baseline": _row("baseline", None, {"textvqa": 50.0, "pope": 80.0}, 144, 40e9, 400 * 2**20, 0.200),
-        "fastv-keep11.1": _row("fastv", "keep11.1", {"textvqa": 40.0, "pope": 70.0}, 16, 10e9, 200 * 2**20, 0.100),
-        "deco-keep11.1": _row("deco", "keep11.1", {"textvqa": 44.0, "pope": 60.0}, 16, 8e9, 180 * 2**20, 0.080),
-        "divico-keep11.1": _row("divico", "keep11.1", {"textvqa": 46.2, "pope": 63.0}, 16, 11e9, 210 * 2**20, 0.110),
+        "baseline": _row("baseline", None, {"vqav2": 50.0, "pope": 80.0}, 144, 40e9, 400 * 2**20, 0.200),
+        "fastv-keep11.1": _row("fastv", "keep11.1", {"vqav2": 40.0, "pope": 70.0}, 16, 10e9, 200 * 2**20, 0.100),
+        "deco-keep11.1": _row("deco", "keep11.1", {"vqav2": 44.0, "pope": 60.0}, 16, 8e9, 180 * 2**20, 0.080),
+        "divico-keep11.1": _row("divico", "keep11.1", {"vqav2": 46.2, "pope": 63.0}, 16, 11e9, 210 * 2**20, 0.110),
     }
     assert relative_improvement(46.2, 44.0) == pytest.approx(5.0)
     table1 = format_table1(results, benchmarks)
-    # textvqa: (46.2 - 44) / 44 = +5.0 %; pope: (63 - 70) / 70 = -10.0 %
+    # vqav2: (46.2 - 44) / 44 = +5.0 %; pope: (63 - 70) / 70 = -10.0 %
     assert "| 88.9% | Improvement | +5.0% | -10.0% |" in table1
     assert "| 88.9% | DiViCo | 46.2 | 63.0 |" in table1
     table3 = format_table3(results)
     # FLOPs 11 vs 40 G: -72.5 %; memory 210 vs 400 MB: -47.5 %; time 110 vs 200 ms: -45.0 %; accuracy -7.6 %
-    assert "| Δ ratio | | -7.6% | -72.5% | -47.5% | -45.0% |" in table3
-    assert "| DiViCo @88.9% compr. | 16/144 | 46.2 | 11.0 | 210 | 110 |" in table3
+    assert "| Δ ratio | | -7.6% | -72.5% | -47.5% | -45.0% | |" in table3
+    assert "| DiViCo @88.9% compr. | 16/144 | 46.2 | 11.0 | 210 | 110 | - |" in table3
+
+
+def test_tables_show_intervals_differences_fidelity_and_timing_spread():
+    results = {
+        "baseline": _row("baseline", None, {"gqa": 80.0}, 144, 40e9, 4 * 2**20, 0.200),
+        "fastv-keep11.1": _row("fastv", "keep11.1", {"gqa": 40.0}, 16, 10e9, 2 * 2**20, 0.100),
+        "divico-keep11.1": _row("divico", "keep11.1", {"gqa": 50.0}, 16, 11e9, 2 * 2**20, 0.110),
+    }
+    results["baseline"]["intervals"] = {"gqa": {"low": 70.04, "high": 88.96}}
+    results["divico-keep11.1"]["differences"] = {
+        "fastv-keep11.1": {"gqa": {"estimate": 10.0, "low": 2.5, "high": 17.5}}}
+    results["divico-keep11.1"]["fidelity"] = {"agreement": 62.5, "first_token_kl": 0.1234}
+    results["divico-keep11.1"]["efficiency"].update(prefill_q1_seconds=0.1051, prefill_q3_seconds=0.1149)
+    assert "| - | Baseline | 80.0 [70.0, 89.0] |" in format_table1(results, ("gqa",))
+    assert "| 88.9% | DiViCo - FastV | +10.0 [+2.5, +17.5] * |" in format_differences(results, ("gqa",))
+    results["divico-keep11.1"]["differences"]["fastv-keep11.1"]["gqa"]["low"] = -2.5  # 0 inside: no mark
+    assert "| 88.9% | DiViCo - FastV | +10.0 [-2.5, +17.5] |" in format_differences(results, ("gqa",))
+    assert "| 88.9% | DiViCo | 62.5 | 0.123 |" in format_fidelity(results)
+    assert "| DiViCo @88.9% compr. | 16/144 | nan | 11.0 | 2 | 110 | 105-115 |" in format_table3(results)
+
+
+def test_comparison_pairs_are_each_method_against_fastv_and_deco_at_its_rate():
+    pairs = comparison_pairs(demo_runs(ASSETS_DIR, ablation=True))
+    keep = [p for p in pairs if p[0].endswith("keep16.7")]
+    assert keep == [("deco-keep16.7", "fastv-keep16.7"), ("divico-keep16.7", "fastv-keep16.7"),
+                    ("divico-keep16.7", "deco-keep16.7")]
+    assert ("variant_a-keep11.1", "deco-keep11.1") in pairs and ("variant_b-keep11.1", "fastv-keep11.1") in pairs
+    assert len(pairs) == 3 * 3 + 2 * 2 and not any(a.startswith("fastv") for a, _ in pairs)
+
+
+def test_timing_dtype_follows_native_bf16_flags():
+    avx512_bf16 = "processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n"
+    avx2 = "processor : 0\nflags : fpu sse avx2\n"
+    assert cpu_supports_native_bf16(avx512_bf16) and not cpu_supports_native_bf16(avx2)
+    assert cpu_supports_native_bf16("flags : avx2 amx_bf16 amx_tile\n")
+    assert resolve_timing_dtype("auto", avx512_bf16) == "bfloat16"
+    assert resolve_timing_dtype("auto", avx2) == "float32"
+    assert resolve_timing_dtype("bfloat16", avx2) == "bfloat16"
+    with pytest.raises(ValueError, match="timing dtype must be one of"):
+        resolve_timing_dtype("fp16", avx2)
+    with pytest.raises(ValueError, match="timing_rounds must be >= 4"):
+        DemoConfig(timing_rounds=3)
+
+
+def test_interleaved_timings_run_every_call_once_per_round_in_shuffled_orders():
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in ("a", "b", "c", "d")}
+    times = interleaved_timings(calls, rounds=6, warmup=2, seed=1)
+    assert log[:8] == ["a", "a", "b", "b", "c", "c", "d", "d"]  # warm-up, untimed
+    rounds = [log[8 + 4 * r: 12 + 4 * r] for r in range(6)]
+    assert all(sorted(r) == ["a", "b", "c", "d"] for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # the order changes between rounds
+    assert {name: len(t) for name, t in times.items()} == {"a": 6, "b": 6, "c": 6, "d": 6}
+    summary = timing_summary([0.4, 0.1, 0.3, 0.2, 0.5])
+    # Quartiles of 0.1..0.5 (linear): 0.2, 0.3, 0.4.
+    assert (summary["prefill_q1_seconds"], summary["prefill_seconds"], summary["prefill_q3_seconds"]) == \
+        pytest.approx((0.2, 0.3, 0.4))
+    assert summary["prefill_iqr_seconds"] == pytest.approx(0.2) and summary["timing_rounds"] == 5
 
 
 def test_finished_stages_reopen_for_more_steps_or_a_new_base(tmp_path):

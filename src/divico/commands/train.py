@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from divico.config import CompressionConfig
+from divico.cli_options import add_compression_arguments, compression_from_args
 from divico.models import load_model_and_processor
 from divico.registry import trainable_methods
 from divico.training import DataError, TrainingConfig, train
@@ -33,15 +33,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="LLaVA-format training data (.json list or .jsonl)")
     parser.add_argument("--image-folder", default=None, help="folder the records' image paths are relative to")
     parser.add_argument("--output", required=True, help="output folder for the trained parts and checkpoints")
-    parser.add_argument("--method", default="divico", choices=trainable_methods(),
-                        help="compression method to train (default: divico)")
-    parser.add_argument("--encoder", default="variational", choices=("variational", "deterministic", "none"),
-                        help="DiViCo's gap encoder: variational (paper), deterministic (Fig. 8 b), none (Fig. 8 a)")
-    keep = parser.add_mutually_exclusive_group()
-    keep.add_argument("--keep-ratio", type=float, default=None,
-                      help="share of visual tokens kept, in (0, 1] (default 64/576 = 0.111)")
-    keep.add_argument("--keep-tokens", type=int, default=None, help="visual tokens kept per sample")
-    parser.add_argument("--layer", type=int, default=2, help="K, the first compressed decoder layer (default 2)")
+    add_compression_arguments(
+        parser, methods=trainable_methods(), default_method="divico",
+        method_help="compression method to train (default: divico)",
+        keep_ratio_help="share of visual tokens kept, in (0, 1] (default 64/576 = 0.111)", with_compressor=False,
+    )
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL term, >= 0 (default 0.02)")
     parser.add_argument("--visual-word-weight", type=float, default=0.0,
                         help="weight of the visual word loss on records with 'visual_words', >= 0 (default 0: off)")
@@ -75,12 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        given = args.keep_ratio is not None or args.keep_tokens is not None
-        keep_ratio = args.keep_ratio if given else PAPER_KEEP_RATIO
-        compression = CompressionConfig(
-            method=args.method, keep_ratio=keep_ratio, keep_tokens=args.keep_tokens, layer=args.layer,
-            encoder=args.encoder,
-        )
+        compression = compression_from_args(args, default_keep_ratio=PAPER_KEEP_RATIO)
         config = TrainingConfig(
             data_path=args.data, output_dir=args.output, image_folder=args.image_folder, compression=compression,
             beta=args.beta, visual_word_weight=args.visual_word_weight, lora_r=args.lora_r,

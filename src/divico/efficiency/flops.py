@@ -91,7 +91,8 @@ class FlopsBreakdown:
     ----------
     method : str
     keep_tokens : int
-        Visual tokens kept per sample (``Nv`` for ``none``).
+        Visual tokens kept per sample (``Nv`` for ``none``), as the method keeps them: for ``deco`` the size of the
+        near-square pooled grid, which can differ from the requested count (``divico.methods.deco.pooled_grid``).
     layer : int
         Compression layer K (0 for ``deco``/``none``: every layer sees the same length).
     attention_convention : str

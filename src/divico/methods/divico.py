@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from divico.adapters.base import ModelAdapter
+from divico.config import KL_REDUCTIONS
 from divico.methods.base import CompressionMethod, TextShape
 from divico.registry import register_method
 from divico.selection import TokenSelection
@@ -23,6 +24,8 @@ class GapEncoder(nn.Module):
     """g_theta: concat(v_s, v_p) (2d) -> two-layer MLP -> gap (d), with mu/sigma in the variational variant.
 
     The output layer starts at zero weights, so an untrained encoder at inference adds exactly zero (FastV's output).
+    Inputs are cast to the encoder's own dtype and the gap is returned in the dtype of ``selected``, so a float32
+    encoder (as training keeps it) runs on a bf16 model with or without autocast.
 
     Parameters
     ----------
@@ -35,12 +38,35 @@ class GapEncoder(nn.Module):
         the KL term. False: a point estimate (Fig. 8 variant b).
     init_sigma
         sigma of an untrained variational encoder.
+    kl_reduction
+        ``"sum"`` (Eq. 8: the KL of the d-dimensional Gaussian, averaged over kept tokens) or ``"mean"`` (also
+        averaged over the d dimensions, i.e. divided by d); see :func:`gaussian_kl`.
+
+    Attributes
+    ----------
+    last_kl
+        The KL of the last forward (float32 scalar; None for the deterministic encoder).
+    last_stats
+        Detached float32 scalars of the last forward, logged during training: ``"gap_norm_ratio"``, the mean over
+        kept tokens of ``||v_c'|| / ||v_s||`` (the gap added, v_c' = the sample in training and mu in eval, relative
+        to the token it is added to), and for the variational encoder ``"sigma_mean"``, the mean of sigma over
+        tokens and dimensions. Empty when no token was kept.
     """
 
-    def __init__(self, hidden_size: int, encoder_hidden_size: int, variational: bool, init_sigma: float) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        encoder_hidden_size: int,
+        variational: bool,
+        init_sigma: float,
+        kl_reduction: str = "sum",
+    ) -> None:
         super().__init__()
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {kl_reduction!r}.")
         self.hidden_size = hidden_size
         self.variational = variational
+        self.kl_reduction = kl_reduction
         self.fc1 = nn.Linear(2 * hidden_size, encoder_hidden_size)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(encoder_hidden_size, (2 if variational else 1) * hidden_size)
@@ -50,6 +76,7 @@ class GapEncoder(nn.Module):
             with torch.no_grad():
                 self.fc2.bias[hidden_size:] = math.log(init_sigma)
         self.last_kl: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] = {}
 
     def forward(self, selected: torch.Tensor, pooled_rest: torch.Tensor) -> torch.Tensor:
         """Predict the gap for each kept visual token.
@@ -64,39 +91,68 @@ class GapEncoder(nn.Module):
         Returns
         -------
         torch.Tensor
-            (R, d) gap v_c' to add to ``selected``.
+            (R, d) gap v_c' to add to ``selected``, in ``selected``'s dtype.
         """
-        out = self.fc2(self.act(self.fc1(torch.cat([selected, pooled_rest], dim=-1))))
+        weight_dtype = self.fc1.weight.dtype
+        features = torch.cat([selected.to(weight_dtype), pooled_rest.to(weight_dtype)], dim=-1)
+        out = self.fc2(self.act(self.fc1(features)))
         if not self.variational:
             self.last_kl = None
-            return out
+            self.last_stats = _gap_stats(out, selected, None)
+            return out.to(selected.dtype)
         mu, log_sigma = out.split(self.hidden_size, dim=-1)
-        self.last_kl = gaussian_kl(mu, log_sigma)
-        if self.training:
-            return mu + torch.randn_like(mu) * log_sigma.exp()
-        return mu
+        self.last_kl = gaussian_kl(mu, log_sigma, reduction=self.kl_reduction)
+        gap = mu + torch.randn_like(mu) * log_sigma.exp() if self.training else mu
+        self.last_stats = _gap_stats(gap, selected, log_sigma)
+        return gap.to(selected.dtype)
 
 
-def gaussian_kl(mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, sigma^2) || N(0, I)) per dimension, averaged over tokens and dimensions.
+def _gap_stats(gap: torch.Tensor, selected: torch.Tensor, log_sigma: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """``gap_norm_ratio`` (mean over rows of ||gap|| / ||v_s||) and ``sigma_mean``, detached float32; {} for R = 0."""
+    if gap.shape[0] == 0:
+        return {}
+    with torch.no_grad():
+        gap_norm = gap.float().norm(dim=-1)
+        token_norm = selected.float().norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        stats = {"gap_norm_ratio": (gap_norm / token_norm).mean()}
+        if log_sigma is not None:
+            stats["sigma_mean"] = log_sigma.float().exp().mean()
+    return stats
 
-    ``0.5 * mean(mu^2 + sigma^2 - 1 - 2 log sigma)``; multiply by d for the per-token KL of Eq. 8.
+
+def gaussian_kl(mu: torch.Tensor, log_sigma: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """KL(N(mu, diag(sigma^2)) || N(0, I)) of each row's d-dimensional Gaussian, averaged over the R rows.
+
+    Per row (one kept token, paper Eq. 8): ``0.5 * sum_j (mu_j^2 + sigma_j^2 - 1 - 2 log sigma_j)``, the KL of a
+    diagonal Gaussian to the standard normal prior, a sum over the d dimensions. ``reduction="mean"`` divides it by
+    d (the per-dimension mean, what divico computed before 2026-12: with it beta acts d times weaker than the
+    paper's beta).
 
     Parameters
     ----------
     mu, log_sigma
         (R, d) each.
+    reduction
+        ``"sum"`` over dimensions (Eq. 8) or ``"mean"`` over dimensions; either way the mean over rows.
 
     Returns
     -------
     torch.Tensor
-        Scalar (0 when R = 0).
+        float32 scalar (0 when R = 0).
+
+    Raises
+    ------
+    ValueError
+        If ``reduction`` is not ``"sum"`` or ``"mean"``.
     """
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {KL_REDUCTIONS}, got {reduction!r}.")
     if mu.numel() == 0:
         return mu.new_zeros((), dtype=torch.float32)
     mu, log_sigma = mu.float(), log_sigma.float()
-    # The same closed form, as three means (six passes over (R, d) instead of eight).
-    return 0.5 * (mu.square().mean() + (2 * log_sigma).exp().mean() - 1.0 - 2 * log_sigma.mean())
+    # The closed form as three means over all (R, d) entries (six passes instead of eight); x d for the row sum.
+    per_dimension = 0.5 * (mu.square().mean() + (2 * log_sigma).exp().mean() - 1.0 - 2 * log_sigma.mean())
+    return per_dimension * mu.shape[-1] if reduction == "sum" else per_dimension
 
 
 @register_method("divico")
@@ -131,6 +187,7 @@ class DiViCo(CompressionMethod):
             encoder_hidden_size=self.encoder_width(hidden),
             variational=self.config.encoder == "variational",
             init_sigma=self.config.init_sigma,
+            kl_reduction=self.config.kl_reduction,
         )
 
     def compress(

@@ -1,12 +1,19 @@
 """DiViCo fine-tuning (paper Sec. III-D, Algorithm 1) on the transformers ``Trainer``.
 
 ``loss = loss_LLM + beta * KL`` where ``loss_LLM`` is the causal-LM loss on assistant tokens and ``KL`` is
-:func:`divico.methods.divico.gaussian_kl`: KL(N(mu, sigma^2) || N(0, I)) per dimension, averaged over the kept
-visual tokens and the d dimensions (the per-token KL of Eq. 8 divided by d). The paper's beta = 0.02 is applied to
-this averaged KL; ``beta = 0`` trains without it. Trained: peft LoRA layers on the LLM decoder layers, DiViCo's
-encoder g_theta (all of it), and for ``deco`` the projector; the vision tower and every base weight stay frozen.
+:func:`divico.methods.divico.gaussian_kl`: per kept visual token, the KL of its d-dimensional Gaussian
+N(mu, diag(sigma^2)) to N(0, I) (a sum over the d dimensions, Eq. 8), averaged over the kept tokens, so the paper's
+beta = 0.02 means what it means in the paper. ``CompressionConfig(kl_reduction="mean")`` also averages over the d
+dimensions (d times weaker; what divico did before 2026-12). ``beta = 0`` trains without it. At every logging step
+the log holds the KL, ``gap_norm_ratio`` (mean ||v_c'|| / ||v_s|| of the gap g_theta adds to a kept token) and
+``sigma_mean`` (sigma's mean), each averaged over the micro-batches with images since the last log.
 
-Because it is a plain ``Trainer``, ``accelerate launch`` (multi-GPU, DeepSpeed, FSDP) works without code of ours.
+Trained: peft LoRA layers on the LLM decoder layers, DiViCo's encoder g_theta (all of it), and for ``deco`` the
+projector; the vision tower and every base weight stay frozen.
+
+Because it is a plain ``Trainer``, ``accelerate launch`` (multi-GPU, DeepSpeed, FSDP) works without code of ours. On a
+machine without an accelerator, several processes need a launcher that starts them (``accelerate launch --multi_gpu
+--num_processes 2``, or ``torchrun``); ``accelerate launch --cpu --num_processes 2`` starts one process only.
 Checkpoints (``OUT/checkpoints/checkpoint-N``) hold only the trained tensors (safetensors) plus the Trainer's
 optimizer / scheduler / RNG state, and a new run with the same output folder resumes from the last one.
 """
@@ -45,6 +52,9 @@ TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 TRAINABLE_INDEX_NAME = "trainable.json"
 TRAINING_CONFIG_NAME = "training_config.json"
 PAPER_KEEP_RATIO = 64 / 576
+#: Per-micro-batch quantities whose window means join every training-loss log entry: the KL term, the gap-to-token
+#: norm ratio and sigma's mean (``GapEncoder.last_stats``), and the visual word loss.
+LOGGED_MEANS = ("kl", "gap_norm_ratio", "sigma_mean", "visual_word_loss")
 
 
 @dataclass
@@ -64,8 +74,9 @@ class TrainingConfig:
         Method, keep ratio, layer K and encoder. Trainable: ``divico`` (encoder ``variational`` = the paper,
         ``deterministic`` = Fig. 8 variant b, ``none`` = variant a), ``fastv`` (= variant a) and ``deco``.
     beta
-        Weight of the KL term, >= 0 (paper: 0.02). The KL is per dimension, averaged over kept tokens and
-        dimensions (see module docstring). Ignored by methods without a KL term.
+        Weight of the KL term, >= 0 (paper: 0.02). The KL is the one ``compression.kl_reduction`` selects: by
+        default Eq. 8 (summed over the d dimensions, averaged over kept tokens; see module docstring). Ignored by
+        methods without a KL term.
     visual_word_weight
         Weight of the visual word loss, >= 0 (0: off): at every image token whose record gives ``"visual_words"``
         (:mod:`divico.training.data`), the cross-entropy of the LM head's next-token distribution against each of
@@ -85,13 +96,16 @@ class TrainingConfig:
     per_device_batch_size, gradient_accumulation_steps
         Samples per device per micro-step and micro-steps per optimiser step.
     bf16
-        bf16 autocast (mixed precision); trained tensors stay float32.
+        bf16 autocast (mixed precision). Trained tensors are float32 either way; without autocast the trained
+        modules cast their inputs to float32 and their outputs back to the base's dtype (LoRA: peft does), so a bf16
+        base also trains and generates with ``bf16=False``.
     gradient_checkpointing
         Recompute decoder-layer activations in the backward pass (divico's hooks stay outside the checkpoint).
     seed
         Seeds LoRA/encoder initialisation, data order, dropout and the encoder's sampling.
     logging_steps, save_steps, save_total_limit
-        Log loss / KL every ``logging_steps`` optimiser steps; checkpoint every ``save_steps``; keep the newest
+        Log loss, KL, gap-to-token norm ratio and sigma's mean every ``logging_steps`` optimiser steps;
+        checkpoint every ``save_steps``; keep the newest
         ``save_total_limit`` checkpoints (None keeps all).
     dataloader_num_workers
         DataLoader worker processes.
@@ -209,7 +223,7 @@ class TrainResult:
     trainable_parameters
         Number of trained scalars.
     log_history
-        The Trainer's log entries (``loss``, ``kl``, ``learning_rate``, ...).
+        The Trainer's log entries (``loss``, ``kl``, ``gap_norm_ratio``, ``sigma_mean``, ``learning_rate``, ...).
     """
 
     output_dir: Path
@@ -270,13 +284,67 @@ def prepare_model_for_training(model: nn.Module, config: TrainingConfig) -> Comp
     for parameter in trained:
         if parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+    # ... and without autocast a float32 module cannot take the base's bf16 activations: cast at its boundary.
+    for module in runtime.method.trainable_modules(runtime.adapter, runtime.compressor).values():
+        run_in_own_dtype(module)
     if hasattr(base.config, "use_cache"):
         base.config.use_cache = False
     return runtime
 
 
+def _first_floating(values: Any) -> torch.Tensor | None:
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value
+    return None
+
+
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast_floating(item, dtype) for item in value)
+    if isinstance(value, list):
+        return [_cast_floating(item, dtype) for item in value]
+    return value
+
+
+def run_in_own_dtype(module: nn.Module) -> None:
+    """Let ``module`` run in its parameters' dtype inside a model of another dtype (idempotent, in place).
+
+    A forward pre-hook casts floating-point inputs to the dtype of the module's first floating parameter (read at
+    every call, so a later ``model.to(dtype)`` is followed), and a forward hook casts floating outputs back to the
+    dtype of the first floating input. Under autocast the products still run in the autocast dtype. This is how a
+    float32 trained projector runs on a bf16 base with ``bf16=False``, in training and at inference afterwards.
+    """
+    if getattr(module, "_divico_runs_in_own_dtype", False):
+        return
+    parameter = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if parameter is None:
+        return
+    arrived: list[torch.dtype] = []  # dtype of the current call's input, from the pre-hook to the hook
+
+    def cast_inputs(_: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        first = _first_floating([*args, *kwargs.values()])
+        arrived.append(first.dtype if first is not None else parameter.dtype)
+        dtype = next(p for p in module.parameters() if p.is_floating_point()).dtype
+        return _cast_floating(args, dtype), {key: _cast_floating(value, dtype) for key, value in kwargs.items()}
+
+    def cast_outputs(_: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        dtype = arrived.pop() if arrived else parameter.dtype
+        return _cast_floating(output, dtype)
+
+    module.register_forward_pre_hook(cast_inputs, with_kwargs=True)
+    module.register_forward_hook(cast_outputs, with_kwargs=True, always_call=True)
+    module._divico_runs_in_own_dtype = True
+
+
 def warm_start(model: nn.Module, directory: str | Path) -> None:
     """Copy an earlier run's trained weights (trained modules and LoRA) into a model prepared for training.
+
+    The new run's compression config governs: the earlier run may have used another keep ratio, layer or
+    ``kl_reduction`` (e.g. DeCo at ``keep_ratio=1.0`` as the testbed's stage 2, or a checkpoint from before
+    ``kl_reduction`` existed, read as ``"mean"``); only its weights are taken.
 
     Raises
     ------
@@ -287,7 +355,7 @@ def warm_start(model: nn.Module, directory: str | Path) -> None:
     # load_compressor leaves LoRA layers untouched when the run has no adapter: that would be a silent cold start.
     if has_lora(model) and not read_saved_config(directory).get("lora"):
         raise ValueError(f"init_from={str(directory)!r} has no LoRA adapter, but this run trains LoRA layers.")
-    load_compressor(model, directory)
+    load_compressor(model, directory, override_config=True)
 
 
 def trainable_parameter_names(model: nn.Module) -> list[str]:
@@ -361,10 +429,13 @@ class DiViCoTrainer(Trainer):
         self.divico_runtime = runtime
         self.beta = float(beta)
         self.visual_word_weight = float(visual_word_weight)
-        self._kl_sum = 0.0
-        self._kl_count = 0
-        self._word_sum = 0.0
-        self._word_count = 0
+        self._window_sums = dict.fromkeys(LOGGED_MEANS, 0.0)
+        self._window_counts = dict.fromkeys(LOGGED_MEANS, 0)
+
+    def record(self, name: str, value: float) -> None:
+        """Add one micro-batch's value of a logged mean (one of :data:`LOGGED_MEANS`) to the current window."""
+        self._window_sums[name] += float(value)
+        self._window_counts[name] += 1
 
     def compute_loss(
         self,
@@ -374,7 +445,10 @@ class DiViCoTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Causal-LM loss (as ``Trainer`` computes it) + beta * KL + visual_word_weight * visual word loss."""
-        self.divico_runtime.report = None  # a batch without images must not reuse an older KL
+        runtime = self.divico_runtime
+        runtime.report = None  # a batch without images must not reuse an older KL or statistics
+        if runtime.compressor is not None and hasattr(runtime.compressor, "last_stats"):
+            runtime.compressor.last_stats = {}
         inputs = dict(inputs)
         word_ids, word_weights = inputs.pop("visual_word_ids", None), inputs.pop("visual_word_weights", None)
         loss, outputs = super().compute_loss(
@@ -387,30 +461,41 @@ class DiViCoTrainer(Trainer):
         if word_ids is not None and word_weights is not None and self.visual_word_weight > 0:
             visual_mask = self.divico_runtime.adapter.visual_token_mask(inputs["input_ids"], None)
             word_loss = visual_word_loss(outputs.logits, visual_mask, word_ids, word_weights)
-            self._word_sum += float(word_loss.detach())
-            self._word_count += 1
+            self.record("visual_word_loss", float(word_loss.detach()))
             loss = loss + self.visual_word_weight * word_loss.to(loss.dtype) / steps
         report = self.divico_runtime.report
         kl = report.kl if report is not None else None
         if kl is not None:
-            self._kl_sum += float(kl.detach())
-            self._kl_count += 1
+            self.record("kl", float(kl.detach()))
             if self.beta > 0:
                 loss = loss + self.beta * kl.to(loss.dtype) / steps
+        if report is not None:
+            for name, value in getattr(runtime.compressor, "last_stats", {}).items():
+                if name in self._window_sums:
+                    self.record(name, float(value))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the mean KL (and beta) and the mean visual word loss since the last log to every training-loss entry."""
-        if "loss" in logs and self._kl_count:
-            mean_kl = torch.tensor(self._kl_sum / self._kl_count, device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                mean_kl = self.accelerator.reduce(mean_kl, reduction="mean")
-            logs["kl"] = round(float(mean_kl), 6)
-            logs["beta"] = self.beta
-            self._kl_sum, self._kl_count = 0.0, 0
-        if "loss" in logs and self._word_count:
-            logs["visual_word_loss"] = round(self._word_sum / self._word_count, 6)
-            self._word_sum, self._word_count = 0.0, 0
+        """Add to every training-loss entry the means since the last log of :data:`LOGGED_MEANS` (and beta with a KL).
+
+        Each is averaged over the micro-batches that produced it (of every process: sums and counts are reduced
+        together, so a process whose micro-batches were all text-only takes part without skewing the mean); a
+        quantity no micro-batch produced is left out.
+        """
+        if "loss" in logs:
+            totals = torch.tensor(
+                [[self._window_sums[name], float(self._window_counts[name])] for name in LOGGED_MEANS],
+                dtype=torch.float64, device=self.args.device,
+            )
+            if self.accelerator.num_processes > 1:  # every process logs at the same steps: a collective is safe
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            for name, (total, count) in zip(LOGGED_MEANS, totals.tolist()):
+                if count > 0:
+                    logs[name] = round(total / count, 6)
+            if "kl" in logs:
+                logs["beta"] = self.beta
+            self._window_sums = dict.fromkeys(LOGGED_MEANS, 0.0)
+            self._window_counts = dict.fromkeys(LOGGED_MEANS, 0)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -466,11 +551,28 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return arguments
 
 
+def _train_on_cpu(config: TrainingConfig) -> bool:
+    """Whether to tell the Trainer explicitly to train on the CPU.
+
+    transformers refuses bf16 without a bf16 accelerator unless told so, and without ``use_cpu`` a run started as
+    several processes on a machine without an accelerator (``accelerate launch --multi_gpu --num_processes 2``,
+    ``torchrun``) sets up no process group: every process would train alone on all the data and write the same
+    output folder.
+    """
+    no_accelerator = not torch.cuda.is_available() and not is_torch_xla_available()
+    if config.bf16 and not is_torch_bf16_gpu_available() and not is_torch_xla_available():
+        return True
+    launched_distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return no_accelerator and (launched_distributed or _env_flag("ACCELERATE_USE_CPU"))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
     """The ``TrainingArguments`` for ``config`` (output under ``output_dir/checkpoints``)."""
 
-    # transformers refuses bf16 without a bf16 accelerator unless told explicitly to train on the CPU.
-    bf16_on_cpu = config.bf16 and not is_torch_bf16_gpu_available() and not is_torch_xla_available()
     return TrainingArguments(
         output_dir=str(Path(config.output_dir) / CHECKPOINT_SUBDIR),
         per_device_train_batch_size=config.per_device_batch_size,
@@ -483,7 +585,7 @@ def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps,
         bf16=config.bf16,
-        use_cpu=bf16_on_cpu,
+        use_cpu=_train_on_cpu(config),
         seed=config.seed,
         data_seed=config.seed,
         logging_steps=config.logging_steps,
@@ -493,6 +595,10 @@ def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
+        # A text-only micro-batch runs neither g_theta nor the projector: under DDP their gradients would never be
+        # ready on that process and the all-reduce would wait for ever (the Trainer's own default turns the search
+        # off with gradient checkpointing).
+        ddp_find_unused_parameters=True,
         report_to=_report_to(config.report_to),
         disable_tqdm=not config.show_progress,
         **_checkpointing_arguments(config.gradient_checkpointing),

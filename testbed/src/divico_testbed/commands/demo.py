@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from divico_testbed.demo import DemoConfig, demo_slice, run_demo
+from divico_testbed.data import DEFAULT_TEST_GROUPS
+from divico_testbed.demo import SCORE_DTYPES, TIMING_DTYPES, DemoConfig, run_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,36 +14,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="Evaluate baseline / FastV / DeCo / DiViCo on the default model: tables like the paper's I and III.",
         description="Loads the trained default model and shipped checkpoints, evaluates every method at the "
-        "paper's three rates on held-out test slices, measures FLOPs, memory and prefill latency, prints "
-        "Tables I and III and writes a plot.",
+        "paper's three rates on held-out test slices (or, with --full, the whole test splits), with bootstrap "
+        "intervals, paired differences from FastV and DeCo, and fidelity to the uncompressed model; measures "
+        "FLOPs, memory and prefill latency (interleaved rounds), prints the tables and writes a plot.",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (resumable)")
-    parser.add_argument("--full", action="store_true", help="evaluate the complete test splits (slow)")
-    parser.add_argument("--limit", type=int, default=24, help="scoring groups per benchmark (default 24)")
+    parser.add_argument("--full", action="store_true",
+                        help="score the whole test splits (--test-groups scoring groups per benchmark; hours on a CPU)")
+    parser.add_argument("--limit", type=int, default=24,
+                        help="scoring groups per benchmark of the slice (default 24; ignored with --full)")
+    parser.add_argument("--test-groups", type=int, default=DEFAULT_TEST_GROUPS,
+                        help=f"scoring groups per benchmark of the generated test splits (default {DEFAULT_TEST_GROUPS})")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=3, help="timed prefill repeats")
+    parser.add_argument("--score-dtype", choices=SCORE_DTYPES, default="float32",
+                        help="dtype of the scored answers (default float32: the same figures on every CPU)")
+    parser.add_argument("--timing-dtype", choices=TIMING_DTYPES, default="auto",
+                        help="dtype of the timing table (default auto: bfloat16 where the CPU has native bf16)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="shorthand for the same --score-dtype and --timing-dtype (kept from earlier versions)")
+    parser.add_argument("--timing-rounds", "--repeats", dest="timing_rounds", type=int, default=15,
+                        help="interleaved timing rounds (default 15; --repeats is its earlier name)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     parser.add_argument("--ablation", action="store_true", help="also evaluate the Fig. 8 variants a and b")
     parser.add_argument("--assets", type=Path, default=None, help="trained checkpoints (default: shipped)")
     parser.add_argument("--data", type=Path, default=None, help="mini-benchmark folder (generated if missing)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--slice-out", type=Path, default=None,
-                        help="only compute the small deterministic slice that tests check, and write it here")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.slice_out is not None:
-        result = demo_slice(assets_dir=args.assets, data_dir=args.data, show_progress=not args.no_progress)
-        args.slice_out.parent.mkdir(parents=True, exist_ok=True)
-        args.slice_out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        print(json.dumps(result, indent=2))
-        return 0
+    if args.dtype is not None:
+        args.score_dtype = args.timing_dtype = args.dtype
     try:
         config = DemoConfig(
             out_dir=args.out, assets_dir=args.assets, data_dir=args.data, limit=None if args.full else args.limit,
-            batch_size=args.batch_size, dtype=args.dtype, repeats=args.repeats, ablation=args.ablation,
-            show_progress=not args.no_progress,
+            test_groups=args.test_groups, batch_size=args.batch_size, score_dtype=args.score_dtype,
+            timing_dtype=args.timing_dtype, timing_rounds=args.timing_rounds, resamples=args.resamples,
+            ablation=args.ablation, show_progress=not args.no_progress, threads=args.threads,
         )
         run_demo(config)
     except (ValueError, FileNotFoundError) as error:

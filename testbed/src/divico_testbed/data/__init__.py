@@ -1,4 +1,4 @@
-"""Synthetic scenes and the mini-benchmarks built from them (TextVQA, POPE, MME, MMBench, GQA).
+"""Synthetic scenes and the mini-benchmarks built from them (VQAv2, POPE, MME, MMBench, GQA).
 
 ``write_benchmark_splits(out_dir)`` renders the images and writes eval records (JSONL) and
 LLaVA-format training conversations; ``load_eval_records`` and ``build_prompt`` feed evaluation.
@@ -8,6 +8,7 @@ from divico_testbed.data.benchmarks import (
     BENCHMARKS,
     DATA_FORMAT,
     DEFAULT_SIZES,
+    DEFAULT_TEST_GROUPS,
     SMALL_SIZES,
     SPLITS,
     TRAINING_SETS,
@@ -18,6 +19,7 @@ from divico_testbed.data.benchmarks import (
     load_scenes,
     multiturn_conversation,
     multiturn_file_name,
+    sizes_for_test_groups,
     training_target,
     write_benchmark_splits,
     write_multiturn_training,
@@ -28,6 +30,7 @@ __all__ = [
     "BENCHMARKS",
     "DATA_FORMAT",
     "DEFAULT_SIZES",
+    "DEFAULT_TEST_GROUPS",
     "SMALL_SIZES",
     "SPLITS",
     "TRAINING_SETS",
@@ -43,6 +46,7 @@ __all__ = [
     "render_scene",
     "multiturn_conversation",
     "multiturn_file_name",
+    "sizes_for_test_groups",
     "training_target",
     "write_benchmark_splits",
     "write_multiturn_training",

@@ -6,8 +6,9 @@ answers follow from the scene ground truth:
 =========  =================================================================  ================
 name       questions                                                          records / image
 =========  =================================================================  ================
-textvqa    text on signs ("What word is written in the image?") and          1
-           VQAv2-like counts/colours; 10 reference answers, VQA soft accuracy
+vqav2      open questions on colour, shape, count, position and relation    1
+           ("How many circles are there?"); 10 annotator-style reference
+           answers with synonyms and number words, VQA soft accuracy
 pope       "Is there a blue star in the image?"; for each of the split types  6
            random / popular / adversarial one "yes" and one "no" question
 mme        a yes/no pair (one yes, one no) in subtask existence, count,       2
@@ -26,14 +27,19 @@ caption    "Describe the image." -> full scene description (training only)    1
     llava_train.json, llava_validation.json    LLaVA-format conversations
     manifest.json                              format, seed, sizes, counts
 
-Scene seeds are ``((seed * 3 + split) * 8 + set) * 1_000_000 + index`` (``split`` and ``set`` the positions in
-:data:`SPLITS` and :data:`TRAINING_SETS`; 8 slots per split, two of them unused), so splits and sets never share a
-scene and the same ``seed`` reproduces byte-identical files.
+Scene seeds are ``((seed * 3 + split) * 8 + slot) * 1_000_000 + index`` (``split`` the position in :data:`SPLITS`,
+``slot`` the set's entry of :data:`SEED_SLOTS`; 8 slots per split), so splits and sets never share a scene and the
+same ``seed`` reproduces byte-identical files. The first ``n`` images of a set do not depend on how many are drawn,
+so a larger test split (:func:`sizes_for_test_groups`) starts with the same questions as a smaller one.
+
+Sign text is drawn small (a few pixels high): it is asked only where the model can tell it from a near miss (MME's
+OCR pairs and MMBench's OCR options), not as an open answer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,8 +49,8 @@ from divico.metrics import rotate_options
 from tqdm.auto import tqdm
 
 from divico_testbed.data.scenes import (
-    COLOR_SYNONYMS,
     COLORS,
+    GRID_SIZE,
     POSITION_NAMES,
     SHAPE_PLURALS,
     SHAPES,
@@ -59,7 +65,12 @@ from divico_testbed.data.scenes import (
 
 __all__ = [
     "BENCHMARKS",
+    "COLOR_VARIANTS",
     "DATA_FORMAT",
+    "DEFAULT_TEST_GROUPS",
+    "SEED_SLOTS",
+    "SHAPE_VARIANTS",
+    "VQAV2_CATEGORIES",
     "benchmark_data_current",
     "SPLITS",
     "TRAINING_SETS",
@@ -79,10 +90,11 @@ __all__ = [
     "load_llava_conversations",
     "multiturn_conversation",
     "multiturn_file_name",
+    "sizes_for_test_groups",
     "write_multiturn_training",
 ]
 
-BENCHMARKS: tuple[str, ...] = ("textvqa", "pope", "mme", "mmbench", "gqa")
+BENCHMARKS: tuple[str, ...] = ("vqav2", "pope", "mme", "mmbench", "gqa")
 TRAINING_SETS: tuple[str, ...] = (*BENCHMARKS, "caption")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
@@ -94,34 +106,66 @@ CAPTION_PROMPT = "Describe the image."
 MME_SUBTASKS: tuple[str, ...] = ("existence", "count", "position", "color", "ocr")
 MMBENCH_CATEGORIES: tuple[str, ...] = ("color", "count", "position", "ocr", "shape")
 POPE_SPLIT_TYPES: tuple[str, ...] = ("random", "popular", "adversarial")
+_POPE_QUESTIONS_PER_IMAGE = 2 * len(POPE_SPLIT_TYPES)  # a yes and a no question per split type
+VQAV2_CATEGORIES: tuple[str, ...] = ("color", "shape", "count", "position", "relation")
+#: What annotators also answer for a colour or a shape (VQAv2's references vary in this way; VQA accuracy gives an
+#: answer that fewer than 3 of the 10 references share less than full credit).
+COLOR_VARIANTS: dict[str, tuple[str, ...]] = {
+    "red": ("dark red",), "blue": ("dark blue",), "green": ("dark green",), "yellow": ("gold",),
+    "black": ("dark gray",), "orange": ("dark orange",), "purple": ("violet",), "pink": ("magenta",),
+}
+SHAPE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "circle": ("round",), "square": ("box",), "triangle": (), "star": (), "diamond": ("rhombus",), "hexagon": (),
+}
 _OPTION_LETTERS = "ABCD"
 #: Most option orders a multiple-choice question can be asked in: the 24 orders of 4 options, less the 3 cyclic
 #: shifts of the original that re-asking never uses.
 MAX_CHOICE_ORDERS = 21
 
-# Number of IMAGES per split and set (records per image: see the module docstring). The defaults
-# give ~4,100 training conversations and ~200 test questions per benchmark (MMBench: 100
-# questions asked in 4 rotations; MME: 60 images x 2).
+#: Scoring groups per benchmark in the default test split (a question; an MMBench circular group; an MME image pair).
+DEFAULT_TEST_GROUPS = 400
+
+
+def sizes_for_test_groups(groups: int) -> dict[str, int]:
+    """Images per set of a test split with about ``groups`` scoring groups per benchmark.
+
+    One question per image for vqav2 and gqa, one circular group (4 records) for mmbench, one yes/no pair for mme,
+    six questions (one scoring group each) for pope, so pope gets ``ceil(groups / 6)`` images.
+
+    Raises
+    ------
+    ValueError
+        If ``groups`` is not an int >= 1.
+    """
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"test groups must be an int >= 1, got {groups!r}")
+    pope_images = math.ceil(groups / _POPE_QUESTIONS_PER_IMAGE)
+    return {"vqav2": groups, "pope": pope_images, "mme": groups, "mmbench": groups, "gqa": groups, "caption": 0}
+
+
+# Number of IMAGES per split and set (records per image: see the module docstring). The defaults give ~4,100
+# training conversations and DEFAULT_TEST_GROUPS scoring groups per benchmark in the test split.
 DEFAULT_SIZES: dict[str, dict[str, int]] = {
-    "train": {"textvqa": 800, "pope": 134, "mme": 300, "mmbench": 700, "gqa": 700,
+    "train": {"vqav2": 800, "pope": 134, "mme": 300, "mmbench": 700, "gqa": 700,
               "caption": 500},
-    "validation": {"textvqa": 100, "pope": 17, "mme": 30, "mmbench": 50, "gqa": 100,
+    "validation": {"vqav2": 100, "pope": 17, "mme": 30, "mmbench": 50, "gqa": 100,
                    "caption": 50},
-    "test": {"textvqa": 200, "pope": 34, "mme": 60, "mmbench": 100, "gqa": 200, "caption": 0},
+    "test": sizes_for_test_groups(DEFAULT_TEST_GROUPS),
 }
 SMALL_SIZES: dict[str, dict[str, int]] = {
-    "train": {"textvqa": 6, "pope": 2, "mme": 5, "mmbench": 5, "gqa": 6, "caption": 4},
-    "validation": {"textvqa": 3, "pope": 1, "mme": 5, "mmbench": 2, "gqa": 3, "caption": 2},
-    "test": {"textvqa": 5, "pope": 2, "mme": 5, "mmbench": 3, "gqa": 5, "caption": 0},
+    "train": {"vqav2": 6, "pope": 2, "mme": 5, "mmbench": 5, "gqa": 6, "caption": 4},
+    "validation": {"vqav2": 3, "pope": 1, "mme": 5, "mmbench": 2, "gqa": 3, "caption": 2},
+    "test": {"vqav2": 5, "pope": 2, "mme": 5, "mmbench": 3, "gqa": 5, "caption": 0},
 }
 #: Version of what the generator draws; a folder written by another version is regenerated by its users
-#: (2: objects 0.20-0.26 of the image side, was 0.10-0.14).
-DATA_FORMAT = 2
+#: (2: objects 0.20-0.26 of the image side, was 0.10-0.14; 3: the VQAv2-like set replaces the TextVQA-like one,
+#: test splits of DEFAULT_TEST_GROUPS scoring groups).
+DATA_FORMAT = 3
 _SCENES_PER_SET_LIMIT = 1_000_000
 _MAX_SCENE_ATTEMPTS = 1000
 # Scene options per set: text questions need signs, the others see a mix.
 _SCENE_OPTIONS: dict[str, dict[str, Any]] = {
-    "textvqa": {"sign_count_weights": (0.1, 0.6, 0.3)},
+    "vqav2": {"min_objects": 3, "sign_count_weights": (0.6, 0.3, 0.1)},
     "pope": {"sign_count_weights": (0.6, 0.3, 0.1)},
     "mme": {"sign_count_weights": (0.4, 0.4, 0.2)},
     "mmbench": {"sign_count_weights": (0.4, 0.4, 0.2)},
@@ -172,39 +216,138 @@ def _yes_no_pair(yes_question: str, no_question: str) -> list[Question]:
 # --------------------------------------------------------------------------------------------
 
 
-def _open_sign_question(scene: Scene, sign: Sign, rng: random.Random) -> Question:
-    """The TextVQA-style question for ``sign``'s text: by its colour, or one of three phrasings when it is alone."""
-    if len(scene.signs) == 1:
-        question = rng.choice((
-            "What word is written in the image?", "What does the sign say?",
-            "What is written on the sign?"))
-    else:
-        question = f"What is written on the {sign.color} sign?"
-    return {"question": question, "answers": [sign.text.lower()] * 10, "category": "ocr"}
+def _annotator_answers(canonical: str, variants: Sequence[str], rng: random.Random) -> list[str]:
+    """Ten reference answers as VQAv2's annotators give them: ``canonical`` 5-8 times, the rest drawn from
+    ``variants`` (synonyms, number words, answers with the noun), in random order.
+
+    Five or more canonical answers keep the canonical answer at VQA accuracy 100 whichever variants are drawn.
+    """
+    canonical_count = rng.randint(5, 8)
+    others = [rng.choice(variants) if variants else canonical for _ in range(10 - canonical_count)]
+    answers = [canonical] * canonical_count + others
+    rng.shuffle(answers)
+    return answers
 
 
-def _textvqa_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
-    if scene.signs and rng.random() < 0.7:
-        return [_open_sign_question(scene, rng.choice(scene.signs), rng)]
-    unique = _unique_by_shape(scene)
-    if unique and rng.random() < 0.5:
-        obj = rng.choice(unique)
-        synonym = COLOR_SYNONYMS.get(obj.color)
-        answers = [obj.color] * 7 + [synonym or obj.color] * 3
-        return [{"question": f"What color is the {obj.shape}?", "answers": answers,
-                 "category": "color"}]
-    if rng.random() < 0.5:
-        color = rng.choice([o.color for o in scene.objects])
-        count = scene.count(color=color)
-        question = f"How many {color} shapes are there?"
+def _where(position: str) -> str:
+    """``"at the top left of the image"``: a grid position as a phrase that picks out a cell."""
+    return f"at the {position} of the image"
+
+
+def _position_variants(position: str) -> tuple[str, ...]:
+    """What annotators also write for a grid position (``"upper left"``, ``"top left corner"``, ``"middle"``)."""
+    if position == "center":
+        return ("middle", "in the middle", "in the center")
+    if " " in position:  # a corner
+        row, col = position.split(" ")
+        return (f"upper {col}" if row == "top" else f"lower {col}", f"{position} corner", f"in the {position}")
+    if position in ("top", "bottom"):
+        return (f"{position} middle", f"{position} center", f"at the {position}")
+    return (f"middle {position}", f"{position} side", f"on the {position}")
+
+
+def _count_answers(count: int, noun_singular: str, noun_plural: str, rng: random.Random) -> list[str]:
+    """References for a count: digits, number words and the count with its noun (``"2"``, ``"two"``, ``"2 circles"``)."""
+    noun = noun_singular if count == 1 else noun_plural
+    variants = [_number_word(count), f"{count} {noun}"]
+    if count == 0:
+        variants += ["none", f"no {noun_plural}"]
+    return _annotator_answers(str(count), variants, rng)
+
+
+def _vqav2_color(scene: Scene, rng: random.Random) -> Question | None:
+    obj = rng.choice(scene.objects)
+    if scene.count(shape=obj.shape) == 1 and rng.random() < 0.5:
+        question = f"What color is the {obj.shape}?"
+    else:  # the cell picks the object out; the question then also needs its position
+        question = f"What color is the {obj.shape} {_where(obj.position)}?"
+    variants = [*COLOR_VARIANTS[obj.color], f"{obj.color} {obj.shape}"]
+    return {"question": question, "answer": obj.color, "answers": _annotator_answers(obj.color, variants, rng)}
+
+
+def _vqav2_shape(scene: Scene, rng: random.Random) -> Question | None:
+    obj = rng.choice(scene.objects)
+    if scene.count(color=obj.color) == 1 and rng.random() < 0.5:
+        question = f"What shape is the {obj.color} object?"
     else:
+        question = f"What shape is {_where(obj.position)}?"
+    variants = [*SHAPE_VARIANTS[obj.shape], f"{obj.color} {obj.shape}", f"{obj.shape} shape"]
+    return {"question": question, "answer": obj.shape, "answers": _annotator_answers(obj.shape, variants, rng)}
+
+
+def _vqav2_count(scene: Scene, rng: random.Random) -> Question | None:
+    form = rng.choice(("shape", "color", "all"))
+    if form == "shape":
         # Mostly shapes that are present; sometimes an absent one (answer 0).
         shape = rng.choice([o.shape for o in scene.objects] + [rng.choice(SHAPES)])
-        count = scene.count(shape=shape)
-        question = f"How many {SHAPE_PLURALS[shape]} are there?"
-    # Humans answer counts both as digits and as words; VQA normalisation maps both to digits.
-    answers = [str(count)] * 7 + [_number_word(count)] * 3
-    return [{"question": question, "answers": answers, "category": "count"}]
+        count, question = scene.count(shape=shape), f"How many {SHAPE_PLURALS[shape]} are there?"
+        answers = _count_answers(count, shape, SHAPE_PLURALS[shape], rng)
+    elif form == "color":
+        color = rng.choice([o.color for o in scene.objects])
+        count, question = scene.count(color=color), f"How many {color} shapes are there?"
+        answers = _count_answers(count, f"{color} shape", f"{color} shapes", rng)
+    else:
+        count, question = len(scene.objects), "How many shapes are there?"
+        answers = _count_answers(count, "shape", "shapes", rng)
+    return {"question": question, "answer": str(count), "answers": answers}
+
+
+def _vqav2_position(scene: Scene, rng: random.Random) -> Question | None:
+    unique = _unique_by_name(scene)
+    if not unique:
+        return None
+    obj = rng.choice(unique)
+    name = obj.shape if scene.count(shape=obj.shape) == 1 and rng.random() < 0.5 else obj.name
+    return {"question": f"Where is the {name}?", "answer": obj.position,
+            "answers": _annotator_answers(obj.position, _position_variants(obj.position), rng)}
+
+
+def _nearest_item(scene: Scene, row: int, col: int, d_row: int, d_col: int) -> SceneObject | Sign | None:
+    """The first object or sign met walking from cell (row, col) in direction (d_row, d_col), if any."""
+    items: dict[tuple[int, int], SceneObject | Sign] = {(o.row, o.col): o for o in scene.objects}
+    items.update({(s.row, s.col): s for s in scene.signs})
+    row, col = row + d_row, col + d_col
+    while 0 <= row < GRID_SIZE and 0 <= col < GRID_SIZE:
+        if (row, col) in items:
+            return items[(row, col)]
+        row, col = row + d_row, col + d_col
+    return None
+
+
+_RELATION_DIRECTIONS: tuple[tuple[str, int, int], ...] = (
+    ("directly to the left of", 0, -1), ("directly to the right of", 0, 1),
+    ("directly above", -1, 0), ("directly below", 1, 0),
+)
+
+
+def _vqav2_relation(scene: Scene, rng: random.Random) -> Question | None:
+    candidates = []
+    for target in _unique_by_name(scene):
+        for phrase, d_row, d_col in _RELATION_DIRECTIONS:
+            neighbour = _nearest_item(scene, target.row, target.col, d_row, d_col)
+            # Only shapes answer: what a sign is called is not what this set asks.
+            if isinstance(neighbour, SceneObject):
+                candidates.append((f"What is {phrase} the {target.name}?", neighbour))
+    if not candidates:
+        return None
+    question, neighbour = rng.choice(candidates)
+    variants = [neighbour.shape, f"{neighbour.name} shape", *(f"{neighbour.color} {synonym}"
+                                                               for synonym in SHAPE_VARIANTS[neighbour.shape])]
+    return {"question": question, "answer": neighbour.name,
+            "answers": _annotator_answers(neighbour.name, variants, rng)}
+
+
+_VQAV2_MAKERS: dict[str, Callable[[Scene, random.Random], Question | None]] = {
+    "color": _vqav2_color, "shape": _vqav2_shape, "count": _vqav2_count, "position": _vqav2_position,
+    "relation": _vqav2_relation,
+}
+
+
+def _vqav2_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
+    """One open question of category ``VQAV2_CATEGORIES[index % 5]`` (round robin, so categories stay balanced)."""
+    category = VQAV2_CATEGORIES[index % len(VQAV2_CATEGORIES)]
+    question = _VQAV2_MAKERS[category](scene, rng)
+    return None if question is None else [{**question, "category": category}]
 
 
 def _pope_questions(scene: Scene, rng: random.Random, index: int) -> list[Question] | None:
@@ -387,7 +530,7 @@ def _caption_questions(scene: Scene, rng: random.Random, index: int) -> list[Que
 
 
 _QUESTION_MAKERS: dict[str, Callable[[Scene, random.Random, int], list[Question] | None]] = {
-    "textvqa": _textvqa_questions,
+    "vqav2": _vqav2_questions,
     "pope": _pope_questions,
     "mme": _mme_questions,
     "mmbench": _mmbench_questions,
@@ -438,11 +581,9 @@ def build_prompt(record: Mapping[str, Any]) -> str:
 def training_target(record: Mapping[str, Any]) -> str:
     """The assistant answer used to train on ``record``.
 
-    The first reference for textvqa; the text of the correct option for multiple choice (see
-    :data:`OPTION_HINT`); the answer otherwise.
+    The text of the correct option for multiple choice (see :data:`OPTION_HINT`); the answer otherwise (for vqav2
+    the canonical answer, which most of its 10 references give, as VQAv2's ``multiple_choice_answer``).
     """
-    if "answers" in record:
-        return str(record["answers"][0])
     if "options" in record:
         return str(record["options"][_OPTION_LETTERS.index(record["answer"])])
     return str(record["answer"])
@@ -453,11 +594,10 @@ def training_target(record: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-# Scene-seed slots per split (the seed layout of the module docstring): one per training set, in this order.
-_SEED_SLOTS: tuple[str, ...] = TRAINING_SETS
-# Slots per split in the seed layout. Slot 6 (after the training sets) held the scenes of a removed sign-reading
-# experiment (docs/benchmarks.md, *Reading sign text*) and stays reserved, like slot 7, so that a set added later
-# never reuses the seeds of a data folder written before.
+#: Scene-seed slot of each set within a split (the seed layout of the module docstring). Slot 0 held the scenes of the
+#: TextVQA-like set (data formats 1-2) and slot 6 those of a removed sign-reading experiment (docs/benchmarks.md,
+#: *Reading sign text*): both stay unused, so that no set ever draws the scenes of a data folder written before.
+SEED_SLOTS: dict[str, int] = {"pope": 1, "mme": 2, "mmbench": 3, "gqa": 4, "caption": 5, "vqav2": 7}
 _SEED_SLOTS_PER_SPLIT = 8
 
 
@@ -466,8 +606,8 @@ def _scene_seed(seed: int, split: str, set_name: str, index: int) -> int:
         raise ValueError(
             f"scene index {index} of {split}/{set_name} exceeds {_SCENES_PER_SET_LIMIT - 1}")
     split_index = SPLITS.index(split)
-    set_index = _SEED_SLOTS.index(set_name)
-    return ((seed * len(SPLITS) + split_index) * _SEED_SLOTS_PER_SPLIT + set_index) * _SCENES_PER_SET_LIMIT + index
+    return ((seed * len(SPLITS) + split_index) * _SEED_SLOTS_PER_SPLIT + SEED_SLOTS[set_name]) \
+        * _SCENES_PER_SET_LIMIT + index
 
 
 def _resolve_sizes(sizes: Mapping[str, Mapping[str, int]] | None) -> dict[str, dict[str, int]]:
@@ -537,8 +677,8 @@ def _build_set(
 
 
 # Calls of each question maker per scene when pooling multi-turn questions: the round-robin makers
-# (mme, mmbench) once per subtask/category, the random ones a few times for variety.
-_MULTITURN_CALLS: dict[str, int] = {"textvqa": 3, "pope": 1, "mme": len(MME_SUBTASKS),
+# (vqav2, mme, mmbench) once per category/subtask, the random ones a few times for variety.
+_MULTITURN_CALLS: dict[str, int] = {"vqav2": len(VQAV2_CATEGORIES), "pope": 1, "mme": len(MME_SUBTASKS),
                                     "mmbench": len(MMBENCH_CATEGORIES), "gqa": 3}
 
 
@@ -775,8 +915,9 @@ def write_benchmark_splits(
     return manifest
 
 
-def benchmark_data_current(data_dir: str | Path) -> bool:
-    """True when ``data_dir`` holds a complete :func:`write_benchmark_splits` output of this :data:`DATA_FORMAT`.
+def benchmark_data_current(data_dir: str | Path, sizes: Mapping[str, Mapping[str, int]] | None = None) -> bool:
+    """True when ``data_dir`` holds a complete :func:`write_benchmark_splits` output of this :data:`DATA_FORMAT`
+    (and, with ``sizes``, of those sizes, resolved as :func:`write_benchmark_splits` resolves them).
 
     The manifest is written last, so a folder without one is an interrupted write; a folder from an older
     generator would evaluate a model on scenes other than the ones it was trained on.
@@ -785,9 +926,12 @@ def benchmark_data_current(data_dir: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("format") == DATA_FORMAT
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
+    if manifest.get("format") != DATA_FORMAT:
+        return False
+    return sizes is None or manifest.get("sizes") == _resolve_sizes(sizes)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,6 @@ __all__ = [
     "SHAPES",
     "SHAPE_PLURALS",
     "COLORS",
-    "COLOR_SYNONYMS",
     "SIGN_COLORS",
     "SIGN_FONT_SCALE",
     "SIGN_WORDS",
@@ -58,7 +57,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (240, 105, 180),
 }
 _COLOR_WEIGHTS: tuple[float, ...] = (0.20, 0.17, 0.15, 0.13, 0.11, 0.09, 0.08, 0.07)
-COLOR_SYNONYMS: dict[str, str] = {"purple": "violet"}
 SIGN_COLORS: tuple[str, ...] = ("red", "blue", "green", "black", "purple")
 _SIGN_TEXT_RGB = (255, 255, 255)
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
