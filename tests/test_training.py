@@ -563,6 +563,7 @@ def test_cli_trains_from_a_model_folder(tmp_path: Path) -> None:
     assert code == 0
     meta = json.loads((out / "config.json").read_text())
     assert meta["compression"]["keep_ratio"] == 0.25 and meta["lora"]["r"] == 2
+    assert meta["compression"]["kl_reduction"] == "sum"  # Eq. 8 unless --kl-reduction says otherwise
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     # Trained tensors are saved in float32 although the frozen base ran in bf16.
@@ -572,6 +573,8 @@ def test_cli_trains_from_a_model_folder(tmp_path: Path) -> None:
     assert main([*common, "--output", str(tmp_path / "warm"), "--init-from", str(out)]) == 0
     assert json.loads((tmp_path / "warm" / "training_config.json").read_text())["init_from"] == str(out)
     assert main([*common, "--output", str(tmp_path / "x"), "--init-from", str(tmp_path / "nowhere")]) == 2
+    assert main([*common, "--output", str(tmp_path / "mean"), "--kl-reduction", "mean"]) == 0
+    assert json.loads((tmp_path / "mean" / "config.json").read_text())["compression"]["kl_reduction"] == "mean"
 
 
 def test_cli_reports_a_bad_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

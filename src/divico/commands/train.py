@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         keep_ratio_help="share of visual tokens kept, in (0, 1] (default 64/576 = 0.111)", with_compressor=False,
     )
     parser.add_argument("--beta", type=float, default=0.02, help="weight of the KL term, >= 0 (default 0.02)")
+    parser.add_argument("--kl-reduction", default="sum", choices=("sum", "mean"),
+                        help="KL per kept token: summed over the d dimensions as the paper's Eq. 8 (default), or "
+                        "their mean (d times weaker; the reduction checkpoints saved before this option used)")
     parser.add_argument("--visual-word-weight", type=float, default=0.0,
                         help="weight of the visual word loss on records with 'visual_words', >= 0 (default 0: off)")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank; 0 disables LoRA (default 16)")
@@ -72,6 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         compression = compression_from_args(args, default_keep_ratio=PAPER_KEEP_RATIO)
+        if compression is not None:
+            compression = dataclasses.replace(compression, kl_reduction=args.kl_reduction)
         config = TrainingConfig(
             data_path=args.data, output_dir=args.output, image_folder=args.image_folder, compression=compression,
             beta=args.beta, visual_word_weight=args.visual_word_weight, lora_r=args.lora_r,
