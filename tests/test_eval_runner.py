@@ -32,6 +32,7 @@ from divico.evaluation.generation import GenerationTimings, generate_batch
 from divico.evaluation.runner import (
     EvalConfiguration,
     compare_configurations,
+    configured,
     evaluate_benchmark,
     format_comparison_table,
     read_predictions,
@@ -447,6 +448,25 @@ def test_compare_mode_with_one_model_load(tmp_path: Path, processor: LlavaProces
     assert divico.get_runtime(model) is None and not has_lora(model)
     inputs = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     torch.testing.assert_close(model(**inputs).logits, tiny_llava()(**inputs).logits, rtol=0, atol=0)
+
+
+def test_a_trained_compressor_is_evaluated_at_the_rate_asked_for(tmp_path: Path) -> None:
+    """METHOD:KEEP:DIR: the rate and layer given, the saved weight-shaping fields (g_theta's width, the KL
+    reduction of a checkpoint saved before that field) kept; the weights are the saved ones."""
+    model = tiny_llava()
+    divico.apply_compression(model, divico.CompressionConfig("divico", keep_ratio=0.5, layer=2,
+                                                             encoder_hidden_size=16, kl_reduction="mean"))
+    randomize_compressor(model)
+    divico.save_compressor(model, tmp_path / "ckpt")
+    saved = {name: tensor.clone() for name, tensor in model.divico_compressor.state_dict().items()}
+    stock = tiny_llava()
+    with configured(stock, EvalConfiguration.parse(f"divico:0.25:layer=1:{tmp_path / 'ckpt'}")):
+        config = divico.compression_config(stock)
+        assert (config.keep_ratio, config.layer) == (0.25, 1)
+        assert (config.encoder_hidden_size, config.kl_reduction) == (16, "mean")
+        for name, tensor in stock.divico_compressor.state_dict().items():
+            torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+    assert divico.get_runtime(stock) is None
 
 
 def test_compare_refuses_repeated_names(tmp_path: Path, processor: LlavaProcessor) -> None:
