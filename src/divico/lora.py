@@ -167,3 +167,15 @@ def merge_lora(model: nn.Module) -> nn.Module:
             parent_name, _, child = name.rpartition(".")
             setattr(base.get_submodule(parent_name), child, module.get_base_layer())
     return model
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove injected LoRA layers without merging them: the base layers come back unchanged (in place)."""
+    base = unwrap_model(model)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(base.get_submodule(parent_name), child, module.get_base_layer())
+    if hasattr(base, "peft_config"):
+        del base.peft_config
+    return model

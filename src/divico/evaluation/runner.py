@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from peft.tuners.lora import LoraLayer
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -48,7 +47,7 @@ from divico.checkpoint import load_compressor, read_saved_config, saved_compress
 from divico.config import CompressionConfig
 from divico.evaluation.benchmark import Benchmark, Sample
 from divico.evaluation.generation import GenerationTimings, generate_batch
-from divico.lora import has_lora
+from divico.lora import has_lora, unload_lora
 from divico.registry import available_methods
 from divico.video import read_video_frames
 
@@ -476,17 +475,6 @@ def _parse_keep(text: str, spec: str) -> tuple[float | None, int | None]:
                          f"in configuration {spec!r}, got {text!r}.") from None
 
 
-def _unload_lora(model: torch.nn.Module) -> None:
-    """Swap every injected LoRA layer back for its base layer (unmerged) and forget the peft config."""
-    base = unwrap_model(model)
-    for name, module in list(base.named_modules()):
-        if isinstance(module, LoraLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(base.get_submodule(parent_name), child, module.get_base_layer())
-    if hasattr(base, "peft_config"):
-        del base.peft_config
-
-
 @contextmanager
 def configured(model: torch.nn.Module, configuration: EvalConfiguration) -> Iterator[torch.nn.Module]:
     """``model`` set up as ``configuration`` for a ``with`` block, restored (no compression, no LoRA) after it.
@@ -515,7 +503,7 @@ def configured(model: torch.nn.Module, configuration: EvalConfiguration) -> Iter
     finally:
         remove_compression(model)
         if has_lora(model):
-            _unload_lora(model)
+            unload_lora(model)
 
 
 def compare_configurations(
