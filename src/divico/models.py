@@ -36,13 +36,15 @@ def load_model_and_processor(name: str, torch_dtype: torch.dtype = torch.float32
     ValueError
         ``name`` is ``"default"`` but no distribution registers it (the testbed is not installed).
     """
-    loaders = named_models()
-    if name in loaders:
-        return loaders[name](torch_dtype=torch_dtype)
+    # Only the entry point asked for is loaded, so one broken plug-in cannot break loading any other model.
+    matches = list(entry_points(group=MODEL_ENTRY_POINT_GROUP, name=name))
+    if matches:
+        return matches[0].load()(torch_dtype=torch_dtype)
     if name == "default":
+        registered = sorted(entry.name for entry in entry_points(group=MODEL_ENTRY_POINT_GROUP))
         raise ValueError(
             "Model 'default' is the testbed's default model; install it with `pip install -e testbed` "
-            f"(registered names: {sorted(loaders) or 'none'})."
+            f"(registered names: {registered or 'none'})."
         )
     processor = AutoProcessor.from_pretrained(name)
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
