@@ -464,7 +464,8 @@ def test_loss_falls_and_trained_parts_reload_with_identical_logits(tmp_path: Pat
     assert logged[0]["gap_norm_ratio"] > 0 and logged[-1]["sigma_mean"] > logged[0]["sigma_mean"]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     assert sorted(p.name for p in result.output_dir.iterdir()) == [
-        "checkpoints", "compressor.safetensors", "config.json", "lora", "training_config.json"]
+        "checkpoints", "compressor.safetensors", "config.json", "learning_curve.json", "lora", "training_config.json",
+        "training_summary.json"]
     meta = json.loads((result.output_dir / "config.json").read_text())
     assert meta["hidden_size"] == 64 and meta["lora"]["r"] == 4
 
@@ -737,3 +738,173 @@ def test_warm_start_from_another_rate_and_a_checkpoint_without_kl_reduction(tmp_
     assert began.keys() == earlier.keys() and all(torch.equal(began[name], earlier[name]) for name in earlier)
     assert json.loads((start / "config.json").read_text())["compression"]["keep_ratio"] == 0.5
     assert json.loads((start / "config.json").read_text())["compression"]["kl_reduction"] == "sum"
+
+
+# --- validation and early stopping ----------------------------------------------------------------------------------
+def write_shape_eval_data(root: Path, count: int = 6) -> Path:
+    """Validation records on the colour images whose answers are shape words, which colour training never teaches:
+    training on colours can only make these answers less likely, so the validation loss stops improving."""
+    records = [
+        {"id": f"v{index}", "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat shape is the shape"},
+            {"from": "gpt", "value": ("circle", "square")[index % 2]},
+        ]}
+        for index in range(count)
+    ]
+    path = root / "validation.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _model_with_checkpoint(config: TrainingConfig, checkpoint: Path) -> torch.nn.Module:
+    """A fresh tiny LLaVA prepared as for training, holding a Trainer checkpoint's trained tensors, in eval mode."""
+    model = tiny_llava()
+    prepare_model_for_training(model, config)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(checkpoint / "trainable.safetensors")).items():
+            parameters[name].copy_(tensor)
+    return model.eval()
+
+
+def test_early_stopping_stops_at_patience_and_saves_the_best_checkpoint(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path)
+    eval_data = write_shape_eval_data(tmp_path)
+    processor = tiny_processor()
+    patience, max_steps = 2, 20
+    config = config_for(tmp_path, data, images, max_steps=max_steps, beta=0.02, eval_data_path=eval_data,
+                        eval_steps=1, early_stopping_patience=patience, save_total_limit=None,
+                        save_steps=None)
+    result = train(tiny_llava(), processor, config)
+    evals = [(p["step"], p["eval_loss"]) for p in result.learning_curve if p["eval_loss"] is not None]
+    assert [step for step, _ in evals] == list(range(1, result.global_step + 1))  # every step, as eval_steps=1
+    best_step, best_loss = min(evals, key=lambda point: point[1])
+    assert (result.best_step, result.best_eval_loss) == (best_step, pytest.approx(best_loss))
+    # Stopped at the first evaluation that was the patience-th in a row without a new best.
+    losses = [loss for _, loss in evals]
+    fails, expected_stop = 0, None
+    for index, loss in enumerate(losses):
+        fails = fails + 1 if index and loss >= min(losses[:index]) else 0
+        if fails == patience:
+            expected_stop = index + 1
+            break
+    assert expected_stop is not None and expected_stop < max_steps, losses
+    assert result.global_step == result.steps_run == expected_stop and result.stopped_early
+    assert result.saved_step == best_step and best_step < result.global_step
+    summary = json.loads((result.output_dir / "training_summary.json").read_text())
+    assert summary["steps_run"] == expected_stop and summary["best_step"] == best_step
+    assert summary["stopped_early"] is True and summary["max_steps"] == max_steps
+    written = json.loads((result.output_dir / "learning_curve.json").read_text())
+    assert written == {"best_step": best_step, "points": result.learning_curve}
+    assert all(p["train_loss"] is not None and p["kl"] > 0 and p["eval_kl"] > 0 for p in written["points"])
+    assert json.loads((result.output_dir / "training_config.json").read_text())["eval_data_path"] == str(eval_data)
+
+    # The saved parts are the best checkpoint's, not the last step's: compare logits on the validation batch.
+    batch = LeftPaddingCollator(0)([LlavaJsonDataset(eval_data, processor, images)[i] for i in range(4)])
+    labels = batch.pop("labels")
+    checkpoints = tmp_path / "out" / "checkpoints"
+    best_model = _model_with_checkpoint(config, checkpoints / f"checkpoint-{best_step}")
+    last_model = _model_with_checkpoint(config, checkpoints / f"checkpoint-{result.global_step}")
+    saved = tiny_llava()
+    divico.load_compressor(saved, result.output_dir)
+    saved.eval()
+    with torch.no_grad():  # labels as in evaluation (they move the selection's query to the prompt's end)
+        saved_logits, best_output = saved(**batch, labels=labels).logits, best_model(**batch, labels=labels)
+        last_logits = last_model(**batch, labels=labels).logits
+    torch.testing.assert_close(saved_logits, best_output.logits, rtol=0, atol=1e-6)
+    assert not torch.allclose(saved_logits, last_logits, atol=1e-4)
+    # eval_loss is the answer loss alone (no beta * KL): the LM loss of the best weights, batch means averaged.
+    with torch.no_grad():
+        rest = LeftPaddingCollator(0)([LlavaJsonDataset(eval_data, processor, images)[i] for i in range(4, 6)])
+        rest_loss = float(best_model(**rest).loss)
+    by_hand = (4 * float(best_output.loss) + 2 * rest_loss) / 6
+    assert best_loss == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_validation_without_patience_leaves_training_unchanged(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path)
+    eval_data = write_shape_eval_data(tmp_path)
+    processor = tiny_processor()
+    # LoRA dropout and the encoder's sampling draw random numbers: evaluating must not shift their stream.
+    settings = {"max_steps": 6, "lora_dropout": 0.1, "per_device_batch_size": 3}
+    plain = train(tiny_llava(), processor, config_for(tmp_path / "plain", data, images, **settings))
+    assert plain.best_step is None and not plain.stopped_early and plain.saved_step == 6
+    assert all(p["eval_loss"] is None for p in plain.learning_curve) and len(plain.learning_curve) == 6
+    watched = train(tiny_llava(), processor, config_for(
+        tmp_path / "watched", data, images, **settings, eval_data_path=eval_data, eval_steps=2, save_best=False))
+    assert watched.global_step == 6 and not watched.stopped_early and watched.saved_step == 6
+    assert [p["step"] for p in watched.learning_curve if p["eval_loss"] is not None] == [2, 4, 6]
+    a, b = trained_tensors(plain.output_dir), trained_tensors(watched.output_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_early_stopped_run_killed_mid_way_resumes_to_the_same_result(tmp_path: Path) -> None:
+    data, images = write_color_data(tmp_path)
+    eval_data = write_shape_eval_data(tmp_path)
+    processor = tiny_processor()
+    settings = {"max_steps": 20, "eval_data_path": eval_data, "eval_steps": 1, "early_stopping_patience": 2,
+                "save_steps": None}
+    straight = train(tiny_llava(), processor, config_for(tmp_path / "straight", data, images, **settings))
+    assert straight.stopped_early and straight.global_step >= 3
+    killed = config_for(tmp_path / "killed", data, images, **settings)
+    # Killed after the first evaluation that did not improve, so the patience count must survive the resume.
+    kill_at = next(p["step"] for index, p in enumerate(straight.learning_curve)
+                   if index and p["eval_loss"] >= min(q["eval_loss"] for q in straight.learning_curve[:index]))
+    assert kill_at < straight.global_step
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_llava(), processor, killed, callbacks=[KillAt(kill_at)])
+    resumed = train(tiny_llava(), processor, killed)
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith(f"checkpoint-{kill_at}")
+    assert (resumed.global_step, resumed.best_step) == (straight.global_step, straight.best_step)
+    a, b = trained_tensors(resumed.output_dir), trained_tensors(straight.output_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_validation_settings_are_checked(tmp_path: Path) -> None:
+    base = {"data_path": "x.json", "output_dir": tmp_path}
+    with pytest.raises(ValueError, match=r"early_stopping_patience=3 needs validation records: set eval_data_path"):
+        TrainingConfig(**base, early_stopping_patience=3)
+    with pytest.raises(ValueError, match=r"eval_steps=5 needs validation records"):
+        TrainingConfig(**base, eval_steps=5)
+    with pytest.raises(ValueError, match=r"early_stopping_patience must be >= 1, got 0"):
+        TrainingConfig(**base, eval_data_path="v.json", early_stopping_patience=0)
+    with pytest.raises(TypeError, match=r"eval_steps must be an integer >= 1, got 2.5"):
+        TrainingConfig(**base, eval_data_path="v.json", eval_steps=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"early_stopping_threshold must be a finite number >= 0, got -0.1"):
+        TrainingConfig(**base, eval_data_path="v.json", early_stopping_threshold=-0.1)
+    with pytest.raises(ValueError, match=r"save_steps must be None or equal to eval_steps \(10\).*save_steps=500"):
+        TrainingConfig(**base, eval_data_path="v.json", save_steps=500)
+    config = TrainingConfig(**base, eval_data_path="v.json", logging_steps=7)
+    assert (config.eval_interval, config.checkpoint_interval) == (7, 7)
+    assert TrainingConfig(**base).checkpoint_interval == 500
+    assert TrainingConfig(**base, eval_data_path="v.json", save_best=False).checkpoint_interval == 500
+    arguments = build_training_arguments(TrainingConfig(**base, eval_data_path="v.json", eval_steps=3))
+    assert (arguments.eval_steps, arguments.save_steps, arguments.load_best_model_at_end) == (3, 3, True)
+    assert arguments.metric_for_best_model == "eval_loss" and arguments.greater_is_better is False
+
+
+def test_cli_trains_with_early_stopping(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from divico.cli import main
+
+    data, images = write_color_data(tmp_path, 4)
+    eval_data = write_shape_eval_data(tmp_path, 2)
+    model_dir = tmp_path / "base"
+    tiny_llava().save_pretrained(model_dir)
+    tiny_processor().save_pretrained(model_dir)
+    common = ["train", "--model", str(model_dir), "--data", str(data), "--image-folder", str(images), "--method",
+              "divico", "--keep-ratio", "0.25", "--lora-r", "2", "--batch-size", "2", "--no-progress",
+              "--lr", "0.01", "--warmup", "0"]
+    out = tmp_path / "cli-out"
+    code = main([*common, "--output", str(out), "--max-steps", "30", "--eval-data", str(eval_data),
+                 "--eval-steps", "2", "--early-stopping-patience", "1", "--early-stopping-threshold", "0.001"])
+    assert code == 0
+    recorded = json.loads((out / "training_config.json").read_text())
+    assert (recorded["eval_steps"], recorded["early_stopping_patience"]) == (2, 1)
+    assert recorded["early_stopping_threshold"] == 0.001
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps_run"] < 30 and summary["steps_run"] % 2 == 0
+    assert "best validation loss" in capsys.readouterr().out
+    assert main([*common, "--output", str(tmp_path / "x"), "--max-steps", "1", "--early-stopping-patience", "2"]) == 2
+    assert "needs validation records" in capsys.readouterr().err

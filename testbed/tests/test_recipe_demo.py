@@ -46,12 +46,15 @@ from divico_testbed.recipe import (
     RecipeConfig,
     align_projector,
     calibrate_projector,
+    compressor_base_record,
     compressor_runs,
+    compressor_training_config,
     export_assets,
     merge_lora,
     scene_patch_targets,
     scene_patch_words,
     stage_finished,
+    validation_subset,
     warm_start_seed,
     write_visual_words,
 )
@@ -430,3 +433,46 @@ def test_chained_warm_starts_each_get_a_new_data_order(tmp_path):
     assert warm_start_seed(RecipeConfig(seed=0, stage2_init=init)) == 1
     (init / "training_config.json").write_text(json.dumps({"seed": 1}))  # the init was itself a warm start
     assert warm_start_seed(RecipeConfig(seed=0, stage2_init=init)) == 2
+
+
+def test_compressors_train_with_early_stopping_on_a_fixed_validation_subset(tmp_path):
+    records = [{"id": f"v{index}", "image": f"{index}.png", "conversations": []} for index in range(40)]
+    (tmp_path / "llava_validation.json").write_text(json.dumps(records))
+    config = RecipeConfig(output_dir=tmp_path / "run", compressor_steps=120)
+    compression = compressor_runs(config)["divico-keep11.1"]
+    training = compressor_training_config(config, tmp_path, tmp_path / "c", compression)
+    subset = tmp_path / "llava_validation_first32.json"
+    assert training.eval_data_path == subset and json.loads(subset.read_text()) == records[:32]
+    assert (training.eval_interval, training.early_stopping_patience, training.max_steps) == (10, 3, 120)
+    assert training.checkpoint_interval == 10 and training.save_best  # a checkpoint at every evaluation
+    assert training.data_path == tmp_path / "llava_train.json" and training.compression == compression
+    assert validation_subset(tmp_path, 32) == subset  # written once, then reused
+    with pytest.raises(ValueError, match="compressor_eval_records=41 but .* holds 40 conversations"):
+        validation_subset(tmp_path, 41)
+    plain = compressor_training_config(RecipeConfig(compressor_patience=None), tmp_path, tmp_path / "c", compression)
+    assert plain.eval_data_path is None and plain.checkpoint_interval == 10
+    # A compressor trained without (or with other) early stopping is retrained, not taken as finished.
+    assert compressor_base_record(config, 550) == {
+        "stage2_steps": 550, "validation": {"records": 32, "eval_steps": 10, "patience": 3}}
+    assert compressor_base_record(RecipeConfig(compressor_patience=None), 550) == {"stage2_steps": 550}
+    stage = tmp_path / "c"
+    stage.mkdir()
+    (stage / "config.json").write_text("{}")
+    (stage / "training_config.json").write_text(json.dumps({"max_steps": 120}))
+    (stage / "recipe_base.json").write_text(json.dumps({"stage2_steps": 550}))
+    assert not stage_finished(stage, 120, compressor_base_record(config, 550))
+    with pytest.raises(ValueError, match="compressor_patience must be None .* or an integer >= 1, got 0"):
+        RecipeConfig(compressor_patience=0)
+    with pytest.raises(ValueError, match="compressor_eval_steps must be an integer >= 1, got 0"):
+        RecipeConfig(compressor_eval_steps=0)
+
+
+def test_retrain_default_refuses_bad_validation_options_before_training(tmp_path, capsys):
+    out = ["retrain-default", "--out", str(tmp_path / "r")]
+    assert main([*out, "--compressor-patience", "-1"]) == 2
+    assert "--compressor-patience must be >= 0 (0: off), got -1" in capsys.readouterr().out
+    assert main([*out, "--compressor-eval-steps", "0"]) == 2
+    assert "--compressor-eval-steps must be >= 1, got 0" in capsys.readouterr().out
+    assert main([*out, "--compressor-eval-records", "0"]) == 2
+    assert "--compressor-eval-records must be >= 1, got 0" in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()

@@ -24,7 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune a vision-language model with visual-token compression (paper Algorithm 1: loss = LM loss on "
             "assistant tokens + beta * KL). Writes only the trained parts (config.json, compressor.safetensors, "
             "lora/) to --output; reload them with divico.load_compressor(base_model, OUTPUT). Re-running with the "
-            "same --output resumes from the last checkpoint. For several GPUs: "
+            "same --output resumes from the last checkpoint. With --eval-data the answer loss on those records is "
+            "measured every --eval-steps steps, --output receives the best evaluation's weights, and "
+            "--early-stopping-patience stops training when it no longer improves; OUTPUT/learning_curve.json and "
+            "OUTPUT/training_summary.json record the curve, the steps run and the best step. For several GPUs: "
             "accelerate launch --num_processes N -m divico.cli train ..."
         ),
     )
@@ -61,7 +64,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     parser.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     parser.add_argument("--logging-steps", type=int, default=10, help="log loss and KL every N steps (default 10)")
-    parser.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
+    parser.add_argument("--save-steps", type=int, default=None,
+                        help="checkpoint every N steps (default 500; with --eval-data, at every evaluation)")
+    parser.add_argument("--eval-data", default=None, metavar="FILE",
+                        help="LLaVA-format validation records (images under --image-folder); their answer loss (the "
+                        "LM loss on assistant tokens, without the KL term) is eval_loss")
+    parser.add_argument("--eval-steps", type=int, default=None, metavar="N",
+                        help="validate every N optimiser steps and after the last one, N >= 1 (default: "
+                        "--logging-steps); needs --eval-data")
+    parser.add_argument("--early-stopping-patience", type=int, default=None, metavar="K",
+                        help="stop when K evaluations in a row (K >= 1) have not improved on the best eval_loss "
+                        "(default: off, train for --max-steps / --epochs); needs --eval-data")
+    parser.add_argument("--early-stopping-threshold", type=float, default=0.0, metavar="DELTA",
+                        help="an evaluation counts as an improvement when its eval_loss is lower than the best by "
+                        "more than DELTA >= 0 (default 0); needs --eval-data")
+    parser.add_argument("--save-last", action="store_true",
+                        help="with --eval-data, write the last step's weights to --output instead of those of the "
+                        "evaluation with the lowest eval_loss")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="leave out invalid records (and report how many) instead of stopping")
@@ -88,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
             gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, logging_steps=args.logging_steps,
             save_steps=args.save_steps, dataloader_num_workers=args.num_workers, skip_invalid=args.skip_invalid,
             resume=not args.no_resume, init_from=args.init_from, show_progress=not args.no_progress,
+            eval_data_path=args.eval_data, eval_steps=args.eval_steps,
+            early_stopping_patience=args.early_stopping_patience,
+            early_stopping_threshold=args.early_stopping_threshold, save_best=not args.save_last,
         )
         model, processor = load_model_and_processor(args.model, torch.bfloat16 if args.bf16 else torch.float32)
         result = train(model, processor, config)
@@ -101,5 +123,9 @@ def run(args: argparse.Namespace) -> int:
         last = losses[-1]
         kl = f", KL {last['kl']:.4f}" if "kl" in last else ""
         print(f"last logged loss {last['loss']:.4f}{kl} (step {last['step']})")
+    if result.best_step is not None:
+        stopped = "stopped early" if result.stopped_early else "ran to the last step"
+        print(f"best validation loss {result.best_eval_loss:.4f} at step {result.best_step} ({stopped}); "
+              f"saved the weights of step {result.saved_step}")
     print(f"wrote {result.output_dir} (load with divico.load_compressor(base_model, {str(result.output_dir)!r}))")
     return 0

@@ -16,6 +16,15 @@ machine without an accelerator, several processes need a launcher that starts th
 --num_processes 2``, or ``torchrun``); ``accelerate launch --cpu --num_processes 2`` starts one process only.
 Checkpoints (``OUT/checkpoints/checkpoint-N``) hold only the trained tensors (safetensors) plus the Trainer's
 optimizer / scheduler / RNG state, and a new run with the same output folder resumes from the last one.
+
+Validation and early stopping (``TrainingConfig.eval_data_path``): every ``eval_steps`` optimiser steps (and after the
+last one) the Trainer's evaluation computes ``eval_loss``, the causal-LM loss on the assistant tokens of the
+validation records (the answer loss; no KL, no visual word loss; the model in eval mode, so no LoRA dropout and the
+encoder's mean instead of a sample), and ``eval_kl`` beside it. A checkpoint is written at every evaluation, the
+output folder receives the weights of the evaluation with the lowest ``eval_loss`` (``save_best``), and with
+``early_stopping_patience`` training stops once that many evaluations in a row have not improved on the best
+(``transformers.EarlyStoppingCallback``). ``OUT/learning_curve.json`` holds the train and validation points and
+``OUT/training_summary.json`` the steps run, the best step and whether training stopped early.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from peft import LoraConfig
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
@@ -51,6 +60,10 @@ CHECKPOINT_SUBDIR = "checkpoints"
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 TRAINABLE_INDEX_NAME = "trainable.json"
 TRAINING_CONFIG_NAME = "training_config.json"
+LEARNING_CURVE_NAME = "learning_curve.json"
+TRAINING_SUMMARY_NAME = "training_summary.json"
+#: Checkpoint interval without validation data (with it, a checkpoint is written at every evaluation).
+DEFAULT_SAVE_STEPS = 500
 PAPER_KEEP_RATIO = 64 / 576
 #: Per-micro-batch quantities whose window means join every training-loss log entry: the KL term, the gap-to-token
 #: norm ratio and sigma's mean (``GapEncoder.last_stats``), and the visual word loss.
@@ -105,8 +118,25 @@ class TrainingConfig:
         Seeds LoRA/encoder initialisation, data order, dropout and the encoder's sampling.
     logging_steps, save_steps, save_total_limit
         Log loss, KL, gap-to-token norm ratio and sigma's mean every ``logging_steps`` optimiser steps;
-        checkpoint every ``save_steps``; keep the newest
-        ``save_total_limit`` checkpoints (None keeps all).
+        checkpoint every ``save_steps`` (None: :data:`DEFAULT_SAVE_STEPS`, or with ``eval_data_path`` and
+        ``save_best`` at every evaluation, the only interval that then works: the best evaluation's weights must
+        be in a checkpoint); keep the newest ``save_total_limit`` checkpoints (None keeps all; the best one is
+        kept besides).
+    eval_data_path
+        Validation records (LLaVA format, images relative to ``image_folder`` as for the training data), or None
+        (no validation). See the module docstring: ``eval_loss`` is the answer loss without the KL term.
+    eval_steps
+        Validate every ``eval_steps`` optimiser steps, >= 1 (None: ``logging_steps``); also after the last step.
+        Only with ``eval_data_path``.
+    early_stopping_patience
+        Stop when this many evaluations in a row (>= 1) have not improved on the best ``eval_loss`` so far
+        (None: off, train for ``max_steps`` / ``num_epochs``). Only with ``eval_data_path``.
+    early_stopping_threshold
+        How much lower than the best so far an ``eval_loss`` must be to count as an improvement for the patience,
+        a finite number >= 0 (the best checkpoint is still the lowest loss). Only with ``eval_data_path``.
+    save_best
+        With ``eval_data_path``: write the weights of the evaluation with the lowest ``eval_loss`` to
+        ``output_dir`` (True) or those of the last step (False).
     dataloader_num_workers
         DataLoader worker processes.
     skip_invalid
@@ -148,7 +178,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     logging_steps: int = 10
-    save_steps: int = 500
+    save_steps: int | None = None
     save_total_limit: int | None = 2
     dataloader_num_workers: int = 0
     skip_invalid: bool = False
@@ -156,6 +186,11 @@ class TrainingConfig:
     init_from: str | Path | None = None
     report_to: str | list[str] = "auto"
     show_progress: bool = True
+    eval_data_path: str | Path | None = None
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0
+    save_best: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.compression, CompressionConfig):
@@ -177,8 +212,27 @@ class TrainingConfig:
         _require_int("max_steps", self.max_steps, minimum=-1)
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (use num_epochs) or >= 1, got 0.")
-        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps"):
             _require_int(name, getattr(self, name), minimum=1)
+        for name in ("save_steps", "eval_steps", "early_stopping_patience"):
+            if getattr(self, name) is not None:
+                _require_int(name, getattr(self, name), minimum=1)
+        threshold = self.early_stopping_threshold
+        if isinstance(threshold, bool) or not (
+            isinstance(threshold, (int, float)) and threshold >= 0 and math.isfinite(threshold)
+        ):
+            raise ValueError(f"early_stopping_threshold must be a finite number >= 0, got {threshold!r}.")
+        if self.eval_data_path is None:
+            given = {"eval_steps": self.eval_steps, "early_stopping_patience": self.early_stopping_patience}
+            given["early_stopping_threshold"] = threshold or None
+            for name, value in given.items():
+                if value is not None:
+                    raise ValueError(f"{name}={value!r} needs validation records: set eval_data_path.")
+        elif self.save_best and self.save_steps is not None and self.save_steps != self.eval_interval:
+            raise ValueError(
+                f"save_steps must be None or equal to eval_steps ({self.eval_interval}) with eval_data_path and "
+                f"save_best: the best evaluation's weights must be in a checkpoint; got save_steps={self.save_steps}."
+            )
         _require_int("dataloader_num_workers", self.dataloader_num_workers, minimum=0)
         if self.save_total_limit is not None:
             _require_int("save_total_limit", self.save_total_limit, minimum=1)
@@ -189,10 +243,27 @@ class TrainingConfig:
                 f"init_from={str(self.init_from)!r} is not the output folder of a divico training run (no config.json)."
             )
 
+    @property
+    def eval_interval(self) -> int | None:
+        """Optimiser steps between evaluations (None without ``eval_data_path``)."""
+        if self.eval_data_path is None:
+            return None
+        return self.eval_steps if self.eval_steps is not None else self.logging_steps
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Optimiser steps between checkpoints (see ``save_steps``)."""
+        if self.save_steps is not None:
+            return self.save_steps
+        if self.eval_data_path is not None and self.save_best:
+            assert self.eval_interval is not None
+            return self.eval_interval
+        return DEFAULT_SAVE_STEPS
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["compression"] = self.compression.to_dict()
-        for key in ("data_path", "output_dir", "image_folder", "init_from"):
+        for key in ("data_path", "output_dir", "image_folder", "init_from", "eval_data_path"):
             data[key] = None if data[key] is None else str(data[key])
         return data
 
@@ -223,7 +294,16 @@ class TrainResult:
     trainable_parameters
         Number of trained scalars.
     log_history
-        The Trainer's log entries (``loss``, ``kl``, ``gap_norm_ratio``, ``sigma_mean``, ``learning_rate``, ...).
+        The Trainer's log entries (``loss``, ``kl``, ``gap_norm_ratio``, ``sigma_mean``, ``learning_rate``, ...;
+        with validation also ``eval_loss``, ``eval_kl``).
+    best_step, best_eval_loss
+        With validation: the step of the evaluation with the lowest ``eval_loss`` and that loss (else None).
+    stopped_early
+        Whether early stopping ended training before its last step.
+    saved_step
+        The step whose weights ``output_dir`` holds (``best_step`` with ``save_best``, else ``global_step``).
+    learning_curve
+        One entry per logged or evaluated step (:func:`learning_curve`), as in ``learning_curve.json``.
     """
 
     output_dir: Path
@@ -234,6 +314,16 @@ class TrainResult:
     resumed_from: str | None
     trainable_parameters: int
     log_history: list[dict[str, Any]]
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
+    saved_step: int | None = None
+    learning_curve: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def steps_run(self) -> int:
+        """Optimiser steps done in total (``global_step``)."""
+        return self.global_step
 
 
 # --- model preparation -------------------------------------------------------------------------------------------
@@ -412,6 +502,9 @@ def visual_word_loss(
 class DiViCoTrainer(Trainer):
     """``Trainer`` whose loss adds ``beta * KL`` and whose checkpoints hold only the trained tensors.
 
+    In evaluation (inside :meth:`evaluation_loop`) the loss is the causal-LM loss alone, and the means of
+    :data:`LOGGED_MEANS` over the evaluation join its metrics as ``eval_kl``, ``eval_gap_norm_ratio``, ...
+
     Parameters
     ----------
     runtime
@@ -431,11 +524,25 @@ class DiViCoTrainer(Trainer):
         self.visual_word_weight = float(visual_word_weight)
         self._window_sums = dict.fromkeys(LOGGED_MEANS, 0.0)
         self._window_counts = dict.fromkeys(LOGGED_MEANS, 0)
+        self._eval_sums = dict.fromkeys(LOGGED_MEANS, 0.0)
+        self._eval_counts = dict.fromkeys(LOGGED_MEANS, 0)
+        self._evaluating = False
 
-    def record(self, name: str, value: float) -> None:
-        """Add one micro-batch's value of a logged mean (one of :data:`LOGGED_MEANS`) to the current window."""
-        self._window_sums[name] += float(value)
-        self._window_counts[name] += 1
+    def record(self, name: str, value: float, evaluating: bool = False) -> None:
+        """Add one micro-batch's value of a logged mean (one of :data:`LOGGED_MEANS`) to the current window
+        (of the evaluation in progress when ``evaluating``)."""
+        sums, counts = (self._eval_sums, self._eval_counts) if evaluating else (self._window_sums, self._window_counts)
+        sums[name] += float(value)
+        counts[name] += 1
+
+    def _window_means(self, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+        """Means of a window over every process (sums and counts reduced together); unproduced ones left out."""
+        totals = torch.tensor(
+            [[sums[name], float(counts[name])] for name in LOGGED_MEANS], dtype=torch.float64, device=self.args.device
+        )
+        if self.accelerator.num_processes > 1:  # every process logs / evaluates at the same steps: a collective is safe
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {name: round(total / count, 6) for name, (total, count) in zip(LOGGED_MEANS, totals.tolist()) if count}
 
     def compute_loss(
         self,
@@ -444,7 +551,11 @@ class DiViCoTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Causal-LM loss (as ``Trainer`` computes it) + beta * KL + visual_word_weight * visual word loss."""
+        """Causal-LM loss (as ``Trainer`` computes it) + beta * KL + visual_word_weight * visual word loss.
+
+        In the Trainer's evaluation only the causal-LM loss: the validation answer loss.
+        """
+        evaluating = self._evaluating
         runtime = self.divico_runtime
         runtime.report = None  # a batch without images must not reuse an older KL or statistics
         if runtime.compressor is not None and hasattr(runtime.compressor, "last_stats"):
@@ -458,7 +569,7 @@ class DiViCoTrainer(Trainer):
         # the KL and visual word terms are per-micro-batch means, so give them the same share.
         scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         steps = self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
-        if word_ids is not None and word_weights is not None and self.visual_word_weight > 0:
+        if word_ids is not None and word_weights is not None and self.visual_word_weight > 0 and not evaluating:
             visual_mask = self.divico_runtime.adapter.visual_token_mask(inputs["input_ids"], None)
             word_loss = visual_word_loss(outputs.logits, visual_mask, word_ids, word_weights)
             self.record("visual_word_loss", float(word_loss.detach()))
@@ -466,13 +577,13 @@ class DiViCoTrainer(Trainer):
         report = self.divico_runtime.report
         kl = report.kl if report is not None else None
         if kl is not None:
-            self.record("kl", float(kl.detach()))
-            if self.beta > 0:
+            self.record("kl", float(kl.detach()), evaluating)
+            if self.beta > 0 and not evaluating:
                 loss = loss + self.beta * kl.to(loss.dtype) / steps
         if report is not None:
             for name, value in getattr(runtime.compressor, "last_stats", {}).items():
                 if name in self._window_sums:
-                    self.record(name, float(value))
+                    self.record(name, float(value), evaluating)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -483,20 +594,47 @@ class DiViCoTrainer(Trainer):
         quantity no micro-batch produced is left out.
         """
         if "loss" in logs:
-            totals = torch.tensor(
-                [[self._window_sums[name], float(self._window_counts[name])] for name in LOGGED_MEANS],
-                dtype=torch.float64, device=self.args.device,
-            )
-            if self.accelerator.num_processes > 1:  # every process logs at the same steps: a collective is safe
-                totals = self.accelerator.reduce(totals, reduction="sum")
-            for name, (total, count) in zip(LOGGED_MEANS, totals.tolist()):
-                if count > 0:
-                    logs[name] = round(total / count, 6)
+            logs.update(self._window_means(self._window_sums, self._window_counts))
             if "kl" in logs:
                 logs["beta"] = self.beta
             self._window_sums = dict.fromkeys(LOGGED_MEANS, 0.0)
             self._window_counts = dict.fromkeys(LOGGED_MEANS, 0)
         super().log(logs, start_time)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """The Trainer's evaluation loop, with the evaluation's means of :data:`LOGGED_MEANS` added to its metrics.
+
+        It leaves torch's random state as it found it (a DataLoader draws its base seed from the global generator),
+        so validating does not change what training samples: a run with validation trains the same weights.
+        """
+        self._eval_sums = dict.fromkeys(LOGGED_MEANS, 0.0)
+        self._eval_counts = dict.fromkeys(LOGGED_MEANS, 0)
+        device = self.args.device
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        self._evaluating = True
+        try:
+            with torch.random.fork_rng(devices=cuda_devices):
+                output = super().evaluation_loop(
+                    dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+                )
+        finally:
+            self._evaluating = False
+        for name, mean in self._window_means(self._eval_sums, self._eval_counts).items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = mean
+        return output
+
+    def _load_best_model(self) -> None:
+        """Load the best checkpoint's trained tensors (``load_best_model_at_end``; the checkpoints are ours)."""
+        logger.info("Loading the best checkpoint %s (eval_loss %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write only the trained tensors (safetensors) and their names (JSON); no base weights, no pickle."""
@@ -573,6 +711,19 @@ def _env_flag(name: str) -> bool:
 def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
     """The ``TrainingArguments`` for ``config`` (output under ``output_dir/checkpoints``)."""
 
+    validation: dict[str, Any] = {}
+    if config.eval_data_path is not None:
+        validation = {
+            "eval_strategy": "steps",
+            "eval_steps": config.eval_interval,
+            "per_device_eval_batch_size": config.per_device_batch_size,
+            "prediction_loss_only": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            "load_best_model_at_end": config.save_best,
+            # A resumed run continues the early-stopping count where the checkpoint left it.
+            "restore_callback_states_from_checkpoint": True,
+        }
     return TrainingArguments(
         output_dir=str(Path(config.output_dir) / CHECKPOINT_SUBDIR),
         per_device_train_batch_size=config.per_device_batch_size,
@@ -590,7 +741,7 @@ def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
         data_seed=config.seed,
         logging_steps=config.logging_steps,
         save_strategy="steps",
-        save_steps=config.save_steps,
+        save_steps=config.checkpoint_interval,
         save_total_limit=config.save_total_limit,
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -602,7 +753,36 @@ def build_training_arguments(config: TrainingConfig) -> TrainingArguments:
         report_to=_report_to(config.report_to),
         disable_tqdm=not config.show_progress,
         **_checkpointing_arguments(config.gradient_checkpointing),
+        **validation,
     )
+
+
+def learning_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The train and validation points of a Trainer log, one entry per step, in step order.
+
+    Parameters
+    ----------
+    log_history
+        ``TrainerState.log_history`` (what :attr:`TrainResult.log_history` holds).
+
+    Returns
+    -------
+    list of dict
+        ``{"step", "train_loss", "kl", "eval_loss", "eval_kl"}``; None where that step logged no such value
+        (``train_loss`` is the total loss logged at the step, the mean since the previous log; ``kl`` its KL term's
+        mean; ``eval_loss`` the validation answer loss; ``eval_kl`` the validation KL).
+    """
+    points: dict[int, dict[str, Any]] = {}
+    sources = {"train_loss": "loss", "kl": "kl", "eval_loss": "eval_loss", "eval_kl": "eval_kl"}
+    for entry in log_history:
+        if "loss" not in entry and "eval_loss" not in entry:
+            continue  # the run's final summary (train_runtime, train_loss, ...)
+        step = int(entry["step"])
+        point = points.setdefault(step, {"step": step, **dict.fromkeys(sources)})
+        for key, source in sources.items():
+            if source in entry and ("eval_loss" in entry) == key.startswith("eval_"):
+                point[key] = float(entry[source])
+    return [points[step] for step in sorted(points)]
 
 
 def last_checkpoint(config: TrainingConfig) -> str | None:
@@ -635,7 +815,9 @@ def train(
     Returns
     -------
     TrainResult
-        Where the trained parts are and how the run went.
+        Where the trained parts are and how the run went. ``output_dir`` also receives
+        :data:`LEARNING_CURVE_NAME` (:func:`learning_curve`) and :data:`TRAINING_SUMMARY_NAME` (steps run,
+        best step and eval loss, whether training stopped early, the step whose weights were saved).
 
     Raises
     ------
@@ -651,6 +833,16 @@ def train(
     dataset = LlavaJsonDataset(config.data_path, processor, config.image_folder, skip_invalid=config.skip_invalid)
     if dataset.skipped:
         print(f"divico train: skipped {len(dataset.skipped)} invalid record(s); training on {len(dataset)}.")
+    eval_dataset = None
+    if config.eval_data_path is not None:
+        eval_dataset = LlavaJsonDataset(
+            config.eval_data_path, processor, config.image_folder, skip_invalid=config.skip_invalid
+        )
+        if len(eval_dataset) == 0:
+            raise ValueError(f"eval_data_path={str(config.eval_data_path)!r} holds no valid record.")
+    callbacks = list(callbacks or [])
+    if config.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold))
     runtime = prepare_model_for_training(model, config)
     base = unwrap_model(model)
     if config.init_from is not None:
@@ -659,6 +851,7 @@ def train(
         model=base,
         args=build_training_arguments(config),
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=LeftPaddingCollator(pad_token_id_of(processor)),
         callbacks=callbacks,
         runtime=runtime,
@@ -669,10 +862,27 @@ def train(
     if resume_from is not None:
         print(f"divico train: resuming from {resume_from}")
     output = trainer.train(resume_from_checkpoint=resume_from)
+    state = trainer.state
+    evaluated = eval_dataset is not None and state.best_global_step is not None
+    best_step = int(state.best_global_step) if evaluated else None
+    best_loss = float(state.best_metric) if evaluated and state.best_metric is not None else None
+    restored_best = trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None
+    saved_step = best_step if restored_best else int(state.global_step)
+    stopped_early = config.early_stopping_patience is not None and state.global_step < state.max_steps
+    curve = learning_curve(state.log_history)
     out = Path(config.output_dir)
     if trainer.args.should_save:
         save_compressor(base, out)
         (out / TRAINING_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        summary = {
+            "steps_run": int(state.global_step), "max_steps": int(state.max_steps), "stopped_early": stopped_early,
+            "best_step": best_step, "best_eval_loss": best_loss, "saved_step": saved_step,
+            "eval_steps": config.eval_interval, "early_stopping_patience": config.early_stopping_patience,
+            "early_stopping_threshold": config.early_stopping_threshold, "num_samples": len(dataset),
+            "num_eval_samples": None if eval_dataset is None else len(eval_dataset),
+        }
+        (out / TRAINING_SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        (out / LEARNING_CURVE_NAME).write_text(json.dumps({"best_step": best_step, "points": curve}, indent=2))
     return TrainResult(
         output_dir=out,
         global_step=int(trainer.state.global_step),
@@ -681,5 +891,10 @@ def train(
         num_skipped=len(dataset.skipped),
         resumed_from=resume_from,
         trainable_parameters=sum(p.numel() for p in base.parameters() if p.requires_grad),
-        log_history=list(trainer.state.log_history),
+        log_history=list(state.log_history),
+        best_step=best_step,
+        best_eval_loss=best_loss,
+        stopped_early=stopped_early,
+        saved_step=saved_step,
+        learning_curve=curve,
     )

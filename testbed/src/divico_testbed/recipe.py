@@ -12,7 +12,10 @@ from its last Trainer checkpoint):
    name what the patch shows (:func:`scene_patch_words`), 144 dense targets per image next to eight answers.
    The result is the uncompressed *base* model that the demo and every compressor start from (LoRA merged).
 3. ``compressors/<method>-<keep>``: DiViCo and DeCo at the paper's rates 16.7% / 11.1% / 6.7% of the visual
-   tokens kept, and the ablation variants (a: FastV + LoRA, b: deterministic encoder) at 11.1%.
+   tokens kept, and the ablation variants (a: FastV + LoRA, b: deterministic encoder) at 11.1%. Each is trained
+   until its answer loss on held-out validation records stops improving (early stopping, ``compressor_patience``
+   evaluations every ``compressor_eval_steps`` steps, at most ``compressor_steps``); its folder holds the best
+   evaluation's weights, ``learning_curve.json`` and ``training_summary.json`` (steps run, best step).
 
 Stages 1 and 2 use DeCo at ``keep_ratio=1.0`` as the training vehicle: pooling a grid to itself is the identity,
 so this is exactly the uncompressed model with a trainable projector, trained by the same code as every method.
@@ -64,7 +67,9 @@ RUN_ONLY_FILES = frozenset({"checkpoints", BASE_RECORD_NAME})
 PORTABLE_BASE_MODEL = "divico-testbed:default-base-{image_size}"
 #: Paths of the training machine in a run's ``recipe.json`` and ``training_config.json`` (see :func:`portable_path`).
 RECIPE_PATH_KEYS = ("output_dir", "stage2_init")
-TRAINING_PATH_KEYS = ("data_path", "image_folder", "output_dir", "init_from")
+TRAINING_PATH_KEYS = ("data_path", "image_folder", "output_dir", "init_from", "eval_data_path")
+#: The generated validation conversations (scenes disjoint from training) that stage 3's subsets are taken from.
+VALIDATION_FILE = "llava_validation.json"
 
 
 @dataclass
@@ -109,8 +114,17 @@ class RecipeConfig:
     #: Projector pre-alignment to scene ground-truth word embeddings before stage 1 (0 steps: skip).
     alignment_steps: int = 400
     alignment_images: int = 600
+    #: Upper bound on each compressor run's steps: with ``compressor_patience`` it stops earlier once its validation
+    #: answer loss no longer improves.
     compressor_steps: int = 90
     compressor_lr: float = 2e-4
+    #: Stage 3's validation: the first ``compressor_eval_records`` conversations of the generated validation split
+    #: (:data:`VALIDATION_FILE`, a fixed shuffled order; 32 keeps an evaluation to ~8 forward batches on a CPU), the
+    #: answer loss on them every ``compressor_eval_steps`` steps, and training stops after ``compressor_patience``
+    #: evaluations in a row without a new best (None: no validation, the last step's weights are kept).
+    compressor_eval_records: int = 32
+    compressor_eval_steps: int = 10
+    compressor_patience: int | None = 3
     compressor_lora_r: int = 8
     #: LoRA dropout in every stage (0.05 costs 29% of a CPU step, benchmarks/training_step_time.py).
     lora_dropout: float = 0.0
@@ -124,6 +138,15 @@ class RecipeConfig:
     bf16: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("compressor_steps", "compressor_eval_records", "compressor_eval_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        patience = self.compressor_patience
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(
+                f"compressor_patience must be None (no early stopping) or an integer >= 1, got {patience!r}."
+            )
         if self.stage2_init is not None and not (Path(self.stage2_init) / "config.json").is_file():
             raise FileNotFoundError(
                 f"stage2_init={str(self.stage2_init)!r} is not a trained stage-2 folder (no config.json)."
@@ -409,18 +432,88 @@ def _stage_steps(directory: Path) -> int:
     return int(json.loads((directory / TRAINING_CONFIG_NAME).read_text())["max_steps"])
 
 
-def _train_stage(
-    model: nn.Module, processor: Any, data: Path, image_folder: Path, out: Path, compression: CompressionConfig,
-    steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
-    visual_word_weight: float = 0.0, init_from: Path | None = None, seed: int | None = None,
-) -> None:
-    train(model, processor, TrainingConfig(
+def stage_training_config(
+    data: Path, image_folder: Path, out: Path, compression: CompressionConfig, steps: int, lr: float, lora_r: int,
+    config: RecipeConfig, lora_targets: list[str] | None, beta: float, visual_word_weight: float = 0.0,
+    init_from: Path | None = None, seed: int | None = None, eval_data: Path | None = None,
+) -> TrainingConfig:
+    """The :class:`divico.training.TrainingConfig` of one recipe stage (with ``eval_data``: validated every
+    ``config.compressor_eval_steps`` steps, a checkpoint at each evaluation, early stopping after
+    ``config.compressor_patience`` evaluations without a new best, the best evaluation's weights kept)."""
+    validation: dict[str, Any] = {"save_steps": 10}
+    if eval_data is not None:
+        validation = {"eval_data_path": eval_data, "eval_steps": config.compressor_eval_steps,
+                      "early_stopping_patience": config.compressor_patience}
+    return TrainingConfig(
         data_path=data, image_folder=image_folder, output_dir=out, compression=compression, beta=beta,
         visual_word_weight=visual_word_weight, lora_r=lora_r, lora_alpha=2 * max(lora_r, 1),
         lora_dropout=config.lora_dropout, lora_target_modules=lora_targets,
         learning_rate=lr, max_steps=steps, per_device_batch_size=config.batch_size,
         seed=config.seed if seed is None else seed,
-        logging_steps=5, save_steps=10, save_total_limit=1, warmup=0.05, bf16=config.bf16, init_from=init_from,
+        logging_steps=5, save_total_limit=1, warmup=0.05, bf16=config.bf16, init_from=init_from, **validation,
+    )
+
+
+def compressor_training_config(
+    config: RecipeConfig, data: Path, out: Path, compression: CompressionConfig
+) -> TrainingConfig:
+    """The training settings of a stage-3 compressor run on the recipe's data folder ``data``: the recipe's
+    compressor steps (an upper bound with early stopping), LoRA on the attention projections, and with
+    ``config.compressor_patience`` the validation subset of :func:`validation_subset`."""
+    eval_data = None
+    if config.compressor_patience is not None:
+        eval_data = validation_subset(data, config.compressor_eval_records)
+    return stage_training_config(
+        data / "llava_train.json", data, out, compression, config.compressor_steps, config.compressor_lr,
+        config.compressor_lora_r, config, ATTENTION_LORA_TARGETS, config.beta, eval_data=eval_data,
+    )
+
+
+def compressor_base_record(config: RecipeConfig, stage2_steps: int) -> dict[str, Any]:
+    """What a compressor run records of how it was trained (:data:`BASE_RECORD_NAME`): the stage-2 steps of its
+    base and, with early stopping, its validation settings. A run whose record differs is retrained."""
+    record: dict[str, Any] = {"stage2_steps": stage2_steps}
+    if config.compressor_patience is not None:
+        record["validation"] = {"records": config.compressor_eval_records,
+                                "eval_steps": config.compressor_eval_steps, "patience": config.compressor_patience}
+    return record
+
+
+def validation_subset(data: Path, count: int) -> Path:
+    """The first ``count`` conversations of the generated validation split, as their own file (written once).
+
+    :data:`VALIDATION_FILE` is in a fixed shuffled order over every set (:func:`write_benchmark_splits`), so its
+    first records are a small mixed sample of the validation scenes, the same on every run of the same data.
+
+    Raises
+    ------
+    ValueError
+        If ``count`` < 1 or the split holds fewer than ``count`` conversations.
+    FileNotFoundError
+        If ``data`` holds no :data:`VALIDATION_FILE`.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}.")
+    source = Path(data) / VALIDATION_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"no validation conversations at {source} (written by write_benchmark_splits)")
+    target = source.with_name(f"{source.stem}_first{count}.json")
+    if not target.is_file():
+        records = json.loads(source.read_text())
+        if len(records) < count:
+            raise ValueError(f"compressor_eval_records={count} but {source} holds {len(records)} conversations.")
+        target.write_text(json.dumps(records[:count]))
+    return target
+
+
+def _train_stage(
+    model: nn.Module, processor: Any, data: Path, image_folder: Path, out: Path, compression: CompressionConfig,
+    steps: int, lr: float, lora_r: int, config: RecipeConfig, lora_targets: list[str] | None, beta: float,
+    visual_word_weight: float = 0.0, init_from: Path | None = None, seed: int | None = None,
+) -> None:
+    train(model, processor, stage_training_config(
+        data, image_folder, out, compression, steps, lr, lora_r, config, lora_targets, beta,
+        visual_word_weight=visual_word_weight, init_from=init_from, seed=seed,
     ))
 
 
@@ -499,12 +592,10 @@ def run_recipe(config: RecipeConfig, only: list[str] | None = None) -> dict[str,
         if only is not None and name not in only:
             continue
         target = out / "compressors" / name
-        base = {"stage2_steps": _stage_steps(stage2)}
+        base = compressor_base_record(config, _stage_steps(stage2))
         if not stage_finished(target, config.compressor_steps, base):
             model, processor = load_base(stage2, image_size=config.image_size)
-            _train_stage(model, processor, data / "llava_train.json", data, target, compression,
-                         config.compressor_steps, config.compressor_lr, config.compressor_lora_r, config,
-                         ATTENTION_LORA_TARGETS, config.beta)
+            train(model, processor, compressor_training_config(config, data, target, compression))
             (target / BASE_RECORD_NAME).write_text(json.dumps(base))
         done[name] = str(target)
     return done

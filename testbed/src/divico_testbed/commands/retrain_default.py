@@ -25,7 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--stage2-steps", type=int, default=None,
                         help="stage-2 steps (default: the recipe's, times --steps-scale)")
     parser.add_argument("--compressor-steps", type=int, default=None,
-                        help="steps of each stage-3 compressor run (default: the recipe's, times --steps-scale)")
+                        help="most steps of each stage-3 compressor run, which stops earlier when its validation "
+                        "loss stops improving (default: the recipe's, times --steps-scale)")
+    parser.add_argument("--compressor-patience", type=int, default=None, metavar="K",
+                        help="stop a compressor run after K evaluations in a row without a lower validation answer "
+                        "loss; 0 turns validation off (keep the last step) "
+                        f"(default {RecipeConfig.compressor_patience})")
+    parser.add_argument("--compressor-eval-steps", type=int, default=None, metavar="N",
+                        help="validate each compressor every N steps, N >= 1 "
+                        f"(default {RecipeConfig.compressor_eval_steps})")
+    parser.add_argument("--compressor-eval-records", type=int, default=None, metavar="N",
+                        help="validation records (the first N of the generated validation split), N >= 1 "
+                        f"(default {RecipeConfig.compressor_eval_records})")
     parser.add_argument("--choice-orders", type=int, default=None,
                         help="option orders in which stage 2 asks each multiple-choice question (default 1; "
                         "more show the same content behind other letters)")
@@ -38,7 +49,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        config = RecipeConfig(output_dir=args.out, threads=args.threads, stage2_init=args.stage2_init)
+        validation: dict[str, int | None] = {}
+        if args.compressor_patience is not None:
+            if args.compressor_patience < 0:
+                raise ValueError(f"--compressor-patience must be >= 0 (0: off), got {args.compressor_patience}.")
+            validation["compressor_patience"] = args.compressor_patience or None
+        for flag, name in (("--compressor-eval-steps", "compressor_eval_steps"),
+                           ("--compressor-eval-records", "compressor_eval_records")):
+            value = getattr(args, name)
+            if value is not None:
+                if value < 1:
+                    raise ValueError(f"{flag} must be >= 1, got {value}.")
+                validation[name] = value
+        config = RecipeConfig(output_dir=args.out, threads=args.threads, stage2_init=args.stage2_init, **validation)
         config = config.scaled(args.steps_scale)
         if args.stage2_steps is not None:
             if args.stage2_steps < 1:
