@@ -683,7 +683,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], benchmarks: tuple[str
     ax_score.set(xlabel="visual tokens kept", ylabel="score relative to baseline (%)",
                  title="Accuracy kept (mean over benchmarks)")
     ax_time.set(xlabel="visual tokens kept", ylabel="prefill latency (ms, batch 1)",
-                title=f"Prefill latency ({dtype}, median and IQR of {rounds} interleaved rounds)" if rounds
+                title=f"Prefill latency ({dtype})\nmedian and IQR of {rounds} interleaved rounds" if rounds
                 else "Prefill latency")
     for ax in (ax_score, ax_time):
         ax.grid(alpha=0.3)
