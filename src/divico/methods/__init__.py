@@ -4,5 +4,10 @@ from divico.methods.base import CompressionMethod, InputCompressionMethod, TextS
 from divico.methods.deco import DeCo
 from divico.methods.divico import DiViCo, GapEncoder, gaussian_kl
 from divico.methods.fastv import FastV
+from divico.methods.pooling import AveragePooling
+from divico.methods.random_selection import RandomSelection
 
-__all__ = ["CompressionMethod", "DeCo", "DiViCo", "FastV", "GapEncoder", "InputCompressionMethod", "TextShape", "gaussian_kl"]
+__all__ = [
+    "AveragePooling", "CompressionMethod", "DeCo", "DiViCo", "FastV", "GapEncoder", "InputCompressionMethod",
+    "RandomSelection", "TextShape", "gaussian_kl",
+]

@@ -89,11 +89,12 @@ def pooled_grid(num_tokens: int, grid_height: int, grid_width: int) -> tuple[int
     raise AssertionError("unreachable: the whole grid is always acceptable")
 
 
-@register_method("deco")
-class DeCo(InputCompressionMethod):
-    """Pool the patch grid of every image (every frame of a video) to k = h x w tokens; the projector is trained."""
+class AdaptiveAveragePooling(InputCompressionMethod):
+    """2-D adaptive average pooling of every image's (every frame's) patch grid to a near-square h' x w' grid.
 
-    display_name = "DeCo"
+    Not registered itself: the shared behaviour of DeCo (which trains the projector) and ``pooling`` (which does
+    not). The adapter applies :meth:`pool` to the vision features before the projector.
+    """
 
     def pooled_size(self, height: int, width: int) -> tuple[int, int]:
         """Pooled grid of one image / frame: :func:`pooled_grid` of ``keep_tokens`` (or ``keep_ratio`` of the cells).
@@ -131,6 +132,13 @@ class DeCo(InputCompressionMethod):
         target = self.pooled_size(height, width)
         pooled = F.adaptive_avg_pool2d(cells.permute(0, 3, 1, 2), target)
         return pooled.permute(0, 2, 3, 1)
+
+
+@register_method("deco")
+class DeCo(AdaptiveAveragePooling):
+    """Pool the patch grid of every image (every frame of a video) to k = h x w tokens; the projector is trained."""
+
+    display_name = "DeCo"
 
     def trainable_modules(self, adapter: ModelAdapter, compressor: nn.Module | None) -> dict[str, nn.Module]:
         return {"projector": adapter.projector()}
