@@ -16,10 +16,12 @@ import torch
 
 from divico.config import ENCODER_CHOICES, CompressionConfig
 from divico.evaluation.runner import BASELINE, EvalConfiguration
+from divico.registry import available_methods
 
 __all__ = [
     "DTYPES",
     "add_compression_arguments",
+    "add_inference_compression_arguments",
     "add_model_arguments",
     "compression_from_args",
     "configuration_from_args",
@@ -67,6 +69,17 @@ def add_compression_arguments(
                             help="trained compressor folder (config.json + weights, from divico train); alone it "
                             "brings its own method, rate and layer, with --method/--keep-ratio those given")
 
+
+
+def add_inference_compression_arguments(parser: argparse.ArgumentParser) -> None:
+    """The compression options of the inference commands (``eval``, ``generate``): any registered method, none by
+    default (the uncompressed model), and ``--compressor DIR``."""
+    add_compression_arguments(
+        parser, methods=available_methods(), default_method=None,
+        method_help="compression method (default: none, the uncompressed model)",
+        keep_ratio_help="share of visual tokens kept, in (0, 1] (default with --method: 64/576 = 0.111)",
+        with_compressor=True,
+    )
 
 def compression_from_args(args: argparse.Namespace, *, default_keep_ratio: float | None) -> CompressionConfig | None:
     """The :class:`CompressionConfig` the compression options describe, or None for the uncompressed model.

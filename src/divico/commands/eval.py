@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from divico.cli_options import (
-    add_compression_arguments,
+    add_inference_compression_arguments,
     add_model_arguments,
     configuration_from_args,
     resolve_device,
@@ -26,7 +26,6 @@ from divico.evaluation.runner import (
     process_state,
 )
 from divico.models import load_model_and_processor
-from divico.registry import available_methods
 from divico.training.trainer import PAPER_KEEP_RATIO
 
 COMPARE_HELP = (
@@ -52,12 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_arguments(parser)
-    add_compression_arguments(
-        parser, methods=available_methods(), default_method=None,
-        method_help="compression method (default: none, the uncompressed model)",
-        keep_ratio_help="share of visual tokens kept, in (0, 1] (default with --method: 64/576 = 0.111)",
-        with_compressor=True,
-    )
+    add_inference_compression_arguments(parser)
     parser.add_argument("--benchmark", nargs="+", required=True, choices=available_benchmarks(), metavar="NAME",
                         help=f"benchmarks to run: {', '.join(available_benchmarks())}")
     parser.add_argument("--data-root", type=Path, required=True, metavar="DIR",

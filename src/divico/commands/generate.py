@@ -11,7 +11,7 @@ from PIL import Image
 
 from divico.api import get_runtime
 from divico.cli_options import (
-    add_compression_arguments,
+    add_inference_compression_arguments,
     add_model_arguments,
     configuration_from_args,
     resolve_device,
@@ -20,7 +20,6 @@ from divico.cli_options import (
 from divico.evaluation.generation import GenerationTimings, generate_batch
 from divico.evaluation.runner import configured
 from divico.models import load_model_and_processor
-from divico.registry import available_methods
 from divico.training.trainer import PAPER_KEEP_RATIO
 from divico.video import read_video_frames
 
@@ -37,12 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_arguments(parser)
-    add_compression_arguments(
-        parser, methods=available_methods(), default_method=None,
-        method_help="compression method (default: none, the uncompressed model)",
-        keep_ratio_help="share of visual tokens kept, in (0, 1] (default with --method: 64/576 = 0.111)",
-        with_compressor=True,
-    )
+    add_inference_compression_arguments(parser)
     parser.add_argument("--image", nargs="+", type=Path, default=[], metavar="IMG", help="image files, in order")
     parser.add_argument("--video", type=Path, default=None, metavar="FILE",
                         help="a video file (for video models such as Video-LLaVA or Qwen2-VL)")

@@ -157,14 +157,13 @@ def video_qa_messages(question: str, answer: str, prediction: str) -> list[dict[
 
 def _literal(text: str) -> Any:
     """``text`` as a Python literal (Video-LLaVA's ``ast.literal_eval``, which evaluates no code) or as JSON."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        pass
-    try:
-        return json.loads(text)  # JSON's true / false / null are not Python literals
-    except (json.JSONDecodeError, RecursionError):
-        return None
+    for parse, errors in ((ast.literal_eval, (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)),
+                          (json.loads, (json.JSONDecodeError, RecursionError))):  # JSON's true/false/null too
+        try:
+            return parse(text)
+        except errors:
+            continue
+    return None
 
 
 def _candidate_dicts(reply: str) -> list[str]:

@@ -32,7 +32,7 @@ from divico.evaluation.benchmark import (
     require_fields,
     require_image,
 )
-from divico.evaluation.benchmarks.vqav2 import questions_by_type, vqa_server_accuracy
+from divico.evaluation.benchmarks.vqav2 import require_ten_answers, vqa_benchmark_scores
 from divico.metrics import normalize_evalai_answer
 
 __all__ = ["UNANSWERABLE_INSTRUCTION", "VizWiz"]
@@ -97,11 +97,7 @@ class VizWiz(Benchmark):
             seen.add(record["image"])
             reference, meta = None, {"image": record["image"]}
             if self.has_public_answers:
-                for number, answer in enumerate(record["answers"]):
-                    require_fields(answer, {"answer": str}, path, f"{where}.answers[{number}]")
-                if len(record["answers"]) < 2:
-                    raise BenchmarkDataError(f"{path}, {where}: expected 10 answers, got {len(record['answers'])}.")
-                reference = [answer["answer"] for answer in record["answers"]]
+                reference = require_ten_answers(record, path, where)
                 meta["answer_type"] = record.get("answer_type", "all")
             image = require_image(files["images"] / record["image"], path, where)
             samples.append(Sample(question_id=record["image"], prompt=self.prompt(record["question"]),
@@ -112,12 +108,7 @@ class VizWiz(Benchmark):
               judge: Any = None) -> dict[str, Any]:
         if not self.has_public_answers:
             return self.no_public_answers(samples)
-        answers = self.require_predictions(predictions, samples)
-        scores = [vqa_server_accuracy(answer, sample.reference, self.options["rules"])
-                  for answer, sample in zip(answers, samples, strict=True)]
-        return {"score": 100.0 * sum(scores) / len(scores),
-                "answer_types": questions_by_type(scores, [s.meta["answer_type"] for s in samples]),
-                "n": len(samples)}
+        return vqa_benchmark_scores(self.require_predictions(predictions, samples), samples, self.options["rules"])
 
     def write_submission(self, predictions: Mapping[str, str], samples: Sequence[Sample],
                          path: Path) -> Path | None:

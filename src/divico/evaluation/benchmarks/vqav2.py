@@ -50,6 +50,30 @@ def vqa_server_accuracy(prediction: str, references: Sequence[str], rules: str =
     return vqa_soft_accuracy(normalize_evalai_answer(prediction), references, rules="vqaeval")
 
 
+def require_ten_answers(record: Mapping[str, Any], path: Path, where: str) -> list[str]:
+    """The ``answers[*].answer`` strings of a VQAv2 / VizWiz annotation record, checked (at least 2; 10 released).
+
+    Raises
+    ------
+    BenchmarkDataError
+        An answer without a string ``answer``, or fewer than 2 answers.
+    """
+    for number, answer in enumerate(record["answers"]):
+        require_fields(answer, {"answer": str}, path, f"{where}.answers[{number}]")
+    if len(record["answers"]) < 2:
+        raise BenchmarkDataError(f"{path}, {where}: expected 10 answers, got {len(record['answers'])}.")
+    return [answer["answer"] for answer in record["answers"]]
+
+
+def vqa_benchmark_scores(answers: Sequence[str], samples: Sequence[Sample], rules: str) -> dict[str, Any]:
+    """VQA accuracy as the evaluation server computes it (%), overall and per ``meta["answer_type"]``."""
+    scores = [vqa_server_accuracy(answer, sample.reference, rules) for answer, sample in zip(answers, samples,
+                                                                                            strict=True)]
+    return {"score": 100.0 * sum(scores) / len(scores),
+            "answer_types": questions_by_type(scores, [s.meta["answer_type"] for s in samples]),
+            "n": len(samples)}
+
+
 def questions_by_type(scores: Sequence[float], types: Sequence[str]) -> dict[str, float]:
     """Mean score in percent per answer type."""
     grouped: dict[str, list[float]] = defaultdict(list)
@@ -140,10 +164,7 @@ class VQAv2(Benchmark):
         for index, record in iter_records(release["annotations"], path, "annotations"):
             where = f"annotations[{index}]"
             require_fields(record, {"question_id": int, "answers": list}, path, where)
-            for number, answer in enumerate(record["answers"]):
-                require_fields(answer, {"answer": str}, path, f"{where}.answers[{number}]")
-            if len(record["answers"]) < 2:
-                raise BenchmarkDataError(f"{path}, {where}: expected 10 answers, got {len(record['answers'])}.")
+            require_ten_answers(record, path, where)
             annotations[record["question_id"]] = record
         return self._load_official(files["questions"], files["images"], "val2014", annotations)
 
@@ -151,12 +172,7 @@ class VQAv2(Benchmark):
               judge: Any = None) -> dict[str, Any]:
         if not self.has_public_answers:
             return self.no_public_answers(samples)
-        answers = self.require_predictions(predictions, samples)
-        scores = [vqa_server_accuracy(answer, sample.reference, self.options["rules"])
-                  for answer, sample in zip(answers, samples, strict=True)]
-        return {"score": 100.0 * sum(scores) / len(scores),
-                "answer_types": questions_by_type(scores, [s.meta["answer_type"] for s in samples]),
-                "n": len(samples)}
+        return vqa_benchmark_scores(self.require_predictions(predictions, samples), samples, self.options["rules"])
 
     def write_submission(self, predictions: Mapping[str, str], samples: Sequence[Sample],
                          path: Path) -> Path | None:
