@@ -68,6 +68,9 @@ class _Step:
     selection: TokenSelection | None = None
     compressed_mask_2d: torch.Tensor | None = None  # (B, M)
     layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    # id(cos) -> (the layer's full-length (cos, sin), gathered (cos, sin)): one entry per RoPE table of layers >= K
+    # (models with one RoPE per layer type pass each layer its own).
+    gathered_rope: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     masks: dict[str, Any] = field(default_factory=dict)
     decode: _DecodeState | None = None
 
@@ -122,6 +125,7 @@ class CompressionRuntime:
             self._handles.append(
                 self.model.register_forward_hook(self._top_post_hook, with_kwargs=True, always_call=True)
             )
+            self._handles.extend(self.adapter.register_runtime_hooks(self))
             if self.method.level == "layer":
                 if self.scorer is not None:
                     self.scorer.register()
@@ -147,6 +151,13 @@ class CompressionRuntime:
         if "divico_compressor" in self.model._modules:
             del self.model._modules["divico_compressor"]
         self._step = None
+
+    @property
+    def current_selection(self) -> TokenSelection | None:
+        """Kept tokens of the prefill in progress (from layer K on; for input-level methods from the start), for
+        adapter hooks (:meth:`ModelAdapter.register_runtime_hooks`); None outside a compressing prefill."""
+        step = self._step
+        return None if step is None or step.phase != "prefill" else step.selection
 
     # --- top level -------------------------------------------------------------------------------------------
     def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
@@ -293,13 +304,26 @@ class CompressionRuntime:
             assert step.decode is not None
             mask_2d = self._decode_mask_2d(step.decode, step.attention_mask_2d, _cache_length(cache), hidden.shape[1])
             self._build_masks(step, hidden, mask_2d, cache)
+        incoming_rope = kwargs.get("position_embeddings")
         kwargs = dict(kwargs)
         kwargs.update(step.layer_kwargs)
+        if step.phase == "prefill" and step.selection is not None and incoming_rope is not None:
+            kwargs["position_embeddings"] = self._gathered_rope(step, incoming_rope)
         kwargs["attention_mask"] = step.masks[self.adapter.layer_mask_type(layer_idx)]
         if args:
             return (hidden,) + tuple(args[1:]), kwargs
         kwargs["hidden_states"] = hidden
         return (), kwargs
+
+    def _gathered_rope(self, step: _Step, incoming: Any) -> Any:
+        """This layer's own (cos, sin) at the kept positions; already short ones (set at layer K) pass through."""
+        assert step.selection is not None
+        if incoming[0].shape[-2] != step.selection.original_length:
+            return incoming
+        key = id(incoming[0])
+        if key not in step.gathered_rope:
+            step.gathered_rope[key] = (incoming, self.adapter.gather_position_embeddings(incoming, step.selection.gather))
+        return step.gathered_rope[key][1]
 
     def _compress(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache: Any) -> torch.Tensor:
         step = self._step
@@ -310,7 +334,7 @@ class CompressionRuntime:
         mask_2d = given_mask if given_mask is not None else torch.ones_like(visual, dtype=torch.long)
         scores: torch.Tensor | None = None
         if self.scorer is not None:
-            scores = self.scorer.scores(kwargs["position_embeddings"], mask_2d)
+            scores = self.scorer.scores(kwargs.get("position_embeddings"), mask_2d)
             self.scorer.enabled = False
         groups = step.groups if step.groups is not None else torch.where(visual, 0, -1)
         # A method that does not score gets zeros to select from; its report says NaN (it did not score).

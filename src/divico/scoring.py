@@ -41,12 +41,16 @@ class LastTokenAttentionScorer:
         self.query_positions: torch.Tensor | None = None
         self._query: torch.Tensor | None = None
         self._key: torch.Tensor | None = None
+        # (cos, sin) layer K-1's attention received: models with one RoPE per layer type (Gemma 3's sliding and
+        # global layers) give layer K other tables than layer K-1.
+        self._position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def register(self) -> None:
         q_module, k_module = self.adapter.query_key_modules(self.attention)
         self._handles.append(q_module.register_forward_hook(self._capture_query))
         self._handles.append(k_module.register_forward_hook(self._capture_key))
+        self._handles.append(self.attention.register_forward_pre_hook(self._capture_rope, with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -57,6 +61,7 @@ class LastTokenAttentionScorer:
     def clear(self) -> None:
         self._query = None
         self._key = None
+        self._position_embeddings = None
 
     def enable(self, query_positions: torch.Tensor | None = None) -> None:
         """Capture q/k in the next forward; score from ``query_positions`` (B,) or, if None, the last token."""
@@ -69,12 +74,16 @@ class LastTokenAttentionScorer:
             whole = self.mode == "full_attention" or self.query_positions is not None
             self._query = output.detach() if whole else output[:, -1:].detach()
 
+    def _capture_rope(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.enabled:
+            self._position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+
     def _capture_key(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self.enabled:
             self._key = output.detach()
 
     def scores(
-        self, position_embeddings: tuple[torch.Tensor, torch.Tensor], attention_mask_2d: torch.Tensor
+        self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, attention_mask_2d: torch.Tensor
     ) -> torch.Tensor:
         """Mean-over-heads attention of the scoring token to every token.
 
@@ -85,7 +94,8 @@ class LastTokenAttentionScorer:
         Parameters
         ----------
         position_embeddings
-            (cos, sin) the layer received, each (B or 1, N, head_dim).
+            (cos, sin), each (B or 1, N, head_dim), used when layer K-1's attention was called without them as an
+            argument; the tables it received are used otherwise.
         attention_mask_2d
             (B, N) 1 for real tokens, 0 for padding (left padding).
 
@@ -96,6 +106,10 @@ class LastTokenAttentionScorer:
         """
         if self._query is None or self._key is None:
             raise RuntimeError("No query/key was captured at layer K-1 for this forward; is the scorer enabled?")
+        if self._position_embeddings is not None:
+            position_embeddings = self._position_embeddings
+        if position_embeddings is None:
+            raise RuntimeError("Layer K-1's attention received no position_embeddings and none were given.")
         layout = self.adapter.attention_layout(self.attention)
         batch, length = self._key.shape[:2]
         positions = self.query_positions

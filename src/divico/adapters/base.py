@@ -331,6 +331,15 @@ class ModelAdapter:
             )
         return removed_before[:, -1]
 
+    def register_runtime_hooks(self, runtime: Any) -> list[Any]:
+        """Hooks this family needs beyond the engine's, registered by ``runtime.attach`` and removed by ``detach``.
+
+        For model code the engine's hooks do not cover (e.g. features added to the hidden states after some
+        decoder layers, or masks built from per-token type ids): such a hook reads the prefill's kept tokens from
+        ``runtime.current_selection``. Returns handles with ``.remove()``; none by default.
+        """
+        return []
+
     def pad_token_id(self) -> int:
         for config in (self.model.config, self.text_config()):
             value = getattr(config, "pad_token_id", None)

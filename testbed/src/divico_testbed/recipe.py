@@ -55,6 +55,8 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets" / "default"
 #: The paper's compression rates 83.3% / 88.9% / 93.3%, as shares of visual tokens kept.
 PAPER_KEEP_RATIOS: dict[str, float] = {"keep16.7": 1 / 6, "keep11.1": 1 / 9, "keep6.7": 1 / 15}
 ABLATION_TAG = "keep11.1"
+#: The stage-3 run trained with the pre-Eq.-8 KL (mean over dimensions), an ablation row at ABLATION_TAG.
+KL_MEAN_ABLATION = "divico_klmean"
 ATTENTION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 #: A compressor's record of the stage-2 base it was trained on (``{"stage2_steps": N}``), read by
 #: :func:`stage_finished` when a run is resumed.
@@ -163,19 +165,28 @@ class RecipeConfig:
 
 
 def compressor_runs(config: RecipeConfig) -> dict[str, CompressionConfig]:
-    """Name -> compression config of every stage-3 run."""
+    """Name -> compression config of every stage-3 run.
+
+    DiViCo, DeCo and variant a (FastV's selection + LoRA, a trained FastV) at every rate; at the ablation rate
+    also variant b (deterministic encoder) and ``divico_klmean`` (the KL averaged over dimensions instead of
+    Eq. 8's sum, the pre-fix objective, to measure what the fix changes).
+    """
     runs: dict[str, CompressionConfig] = {}
     for tag, ratio in config.keep_ratios.items():
         runs[f"divico-{tag}"] = CompressionConfig(
             "divico", keep_ratio=ratio, layer=config.layer, encoder_hidden_size=config.encoder_hidden_size
         )
         runs[f"deco-{tag}"] = CompressionConfig("deco", keep_ratio=ratio)
+        runs[f"variant_a-{tag}"] = CompressionConfig("fastv", keep_ratio=ratio, layer=config.layer)
     if ABLATION_TAG in config.keep_ratios:
         ratio = config.keep_ratios[ABLATION_TAG]
-        runs[f"variant_a-{ABLATION_TAG}"] = CompressionConfig("fastv", keep_ratio=ratio, layer=config.layer)
         runs[f"variant_b-{ABLATION_TAG}"] = CompressionConfig(
             "divico", keep_ratio=ratio, layer=config.layer, encoder="deterministic",
             encoder_hidden_size=config.encoder_hidden_size,
+        )
+        runs[f"{KL_MEAN_ABLATION}-{ABLATION_TAG}"] = CompressionConfig(
+            "divico", keep_ratio=ratio, layer=config.layer, encoder_hidden_size=config.encoder_hidden_size,
+            kl_reduction="mean",
         )
     return runs
 
