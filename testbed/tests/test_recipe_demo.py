@@ -83,8 +83,10 @@ def test_recipe_runs_cover_paper_rates_and_ablations():
     keep = {name: cfg.keep_ratio for name, cfg in runs.items()}
     assert keep["divico-keep16.7"] == pytest.approx(1 / 6)
     assert keep["deco-keep6.7"] == pytest.approx(1 / 15)
-    assert runs["variant_a-keep11.1"].method == "fastv"
+    assert [runs[f"variant_a-{tag}"].method for tag in ("keep16.7", "keep11.1", "keep6.7")] == ["fastv"] * 3
     assert runs["variant_b-keep11.1"].encoder == "deterministic"
+    assert runs["divico_klmean-keep11.1"].kl_reduction == "mean" and runs["divico-keep11.1"].kl_reduction == "sum"
+    assert len(runs) == 3 * 3 + 2 and "variant_b-keep16.7" not in runs
     assert RecipeConfig().scaled(2.0).stage2_steps == 2 * RecipeConfig().stage2_steps
     with pytest.raises(ValueError, match="steps scale must be > 0"):
         RecipeConfig().scaled(0)
@@ -223,9 +225,12 @@ def test_comparison_pairs_are_each_method_against_fastv_and_deco_at_its_rate():
     pairs = comparison_pairs(demo_runs(ASSETS_DIR, ablation=True))
     keep = [p for p in pairs if p[0].endswith("keep16.7")]
     assert keep == [("deco-keep16.7", "fastv-keep16.7"), ("divico-keep16.7", "fastv-keep16.7"),
-                    ("divico-keep16.7", "deco-keep16.7")]
-    assert ("variant_a-keep11.1", "deco-keep11.1") in pairs and ("variant_b-keep11.1", "fastv-keep11.1") in pairs
-    assert len(pairs) == 3 * 3 + 2 * 2 and not any(a.startswith("fastv") for a, _ in pairs)
+                    ("divico-keep16.7", "deco-keep16.7"), ("divico-keep16.7", "variant_a-keep16.7"),
+                    ("variant_a-keep16.7", "fastv-keep16.7"), ("variant_a-keep16.7", "deco-keep16.7")]
+    assert ("variant_b-keep11.1", "fastv-keep11.1") in pairs and ("divico_klmean-keep11.1", "deco-keep11.1") in pairs
+    assert len(pairs) == 3 * 6 + 2 * 2 and not any(a.startswith("fastv") for a, _ in pairs)
+    # Without the ablation runs DiViCo is compared with FastV and DeCo only.
+    assert len(comparison_pairs(demo_runs(ASSETS_DIR))) == 3 * 3
 
 
 def test_timing_dtype_follows_native_bf16_flags():

@@ -61,7 +61,13 @@ from divico_testbed.evaluation import (
     evaluate_benchmarks,
     scoring_group_key,
 )
-from divico_testbed.recipe import ABLATION_TAG, ASSETS_DIR, PAPER_KEEP_RATIOS, load_trained_default
+from divico_testbed.recipe import (
+    ABLATION_TAG,
+    ASSETS_DIR,
+    KL_MEAN_ABLATION,
+    PAPER_KEEP_RATIOS,
+    load_trained_default,
+)
 from divico_testbed.statistics import GroupedScore, percentile_interval, resample_indices
 
 BENCHMARK_ORDER = ("vqav2", "pope", "mmbench", "mme", "gqa")
@@ -75,10 +81,17 @@ PROPOSED_METHOD = "divico"
 #: Registered methods the demo runs without a checkpoint (training-free) and with a shipped one.
 TRAINING_FREE_METHODS = ("fastv",)
 TRAINED_METHODS = ("deco", "divico")
-#: The demo's own run names, which are no registered method: the uncompressed model and the Fig. 8 ablation
-#: variants (a: FastV + LoRA, b: DiViCo with a deterministic encoder), each a trained checkpoint.
-RUN_TITLES = {"baseline": "Baseline", "variant_a": "w/o DC (a)", "variant_b": "w/o DE (b)"}
-ABLATION_VARIANTS = ("variant_a", "variant_b")
+#: The demo's own run names, which are no registered method: the uncompressed model, the Fig. 8 ablation
+#: variants (a: FastV + LoRA, a trained FastV; b: DiViCo with a deterministic encoder) and DiViCo trained with the
+#: pre-Eq.-8 KL (mean over dimensions), each a trained checkpoint.
+RUN_TITLES = {"baseline": "Baseline", "variant_a": "w/o DC (a)", "variant_b": "w/o DE (b)",
+              KL_MEAN_ABLATION: "DiViCo, KL mean"}
+#: Ablation runs trained at every rate, and those trained at ABLATION_TAG only.
+EVERY_RATE_VARIANTS = ("variant_a",)
+ABLATION_RATE_VARIANTS = ("variant_b", KL_MEAN_ABLATION)
+ABLATION_VARIANTS = (*EVERY_RATE_VARIANTS, *ABLATION_RATE_VARIANTS)
+#: FastV's selection with LoRA trained like DiViCo's: the reference that tells what DiViCo's gap encoder adds.
+TRAINED_FASTV = "variant_a"
 UNCOMPRESSED_RUN = "baseline"
 MAX_NEW_TOKENS = 8
 SCORE_DTYPES = ("float32", "bfloat16")
@@ -150,7 +163,8 @@ class DemoConfig:
     timing_rounds
         Interleaved rounds of timed prefills (each configuration once per round, after two warm-up calls).
     ablation
-        Also evaluate the Fig. 8 variants a/b at 11.1%.
+        Also evaluate the ablation runs: variant a (a trained FastV) at every rate, variant b and DiViCo with the
+        KL mean at 11.1%.
     resamples, confidence, seed
         Bootstrap resamples, interval coverage and seed (:mod:`divico_testbed.statistics`).
     """
@@ -211,18 +225,22 @@ class RunSpec:
 
 def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
     """Baseline (always first: the other runs' fidelity is measured against it), then FastV / DeCo / DiViCo at each
-    shipped rate (and the ablation variants if asked)."""
+    shipped rate (and the ablation runs if asked: :data:`EVERY_RATE_VARIANTS` at each rate,
+    :data:`ABLATION_RATE_VARIANTS` at :data:`ABLATION_TAG`)."""
     runs = [RunSpec(UNCOMPRESSED_RUN, UNCOMPRESSED_RUN, None, None)]
+
+    def trained(method: str, tag: str) -> RunSpec:
+        name = f"{method}-{tag}"
+        return RunSpec(name, method, tag, PAPER_KEEP_RATIOS[tag], str(assets_dir / "compressors" / name))
+
     for tag, ratio in PAPER_KEEP_RATIOS.items():
         for method in TRAINING_FREE_METHODS:
             runs.append(RunSpec(f"{method}-{tag}", method, tag, ratio))
-        for method in TRAINED_METHODS:
-            runs.append(RunSpec(f"{method}-{tag}", method, tag, ratio, str(assets_dir / "compressors" / f"{method}-{tag}")))
-    if ablation:
-        for variant in ABLATION_VARIANTS:
-            name = f"{variant}-{ABLATION_TAG}"
-            runs.append(RunSpec(name, variant, ABLATION_TAG, PAPER_KEEP_RATIOS[ABLATION_TAG],
-                                str(assets_dir / "compressors" / name)))
+        runs.extend(trained(method, tag) for method in TRAINED_METHODS)
+        if ablation:
+            runs.extend(trained(variant, tag) for variant in EVERY_RATE_VARIANTS)
+            if tag == ABLATION_TAG:
+                runs.extend(trained(variant, tag) for variant in ABLATION_RATE_VARIANTS)
     return runs
 
 
@@ -230,7 +248,7 @@ def comparison_pairs(runs: Sequence[RunSpec]) -> list[tuple[str, str]]:
     """``(run, reference run)`` for every method's paired difference from FastV and from DeCo at the same rate.
 
     FastV is compared with nobody (DeCo - FastV already gives that difference), DeCo with FastV, every other method
-    with both.
+    with both; DiViCo also with the trained FastV (variant a, :data:`TRAINED_FASTV`) where that run is present.
     """
     by_tag: dict[str, dict[str, str]] = {}
     for spec in runs:
@@ -244,6 +262,8 @@ def comparison_pairs(runs: Sequence[RunSpec]) -> list[tuple[str, str]]:
             if spec.method in BASELINE_METHODS[:index + 1] or reference not in by_tag[spec.tag]:
                 continue
             pairs.append((spec.name, by_tag[spec.tag][reference]))
+        if spec.method == PROPOSED_METHOD and TRAINED_FASTV in by_tag[spec.tag]:
+            pairs.append((spec.name, by_tag[spec.tag][TRAINED_FASTV]))
     return pairs
 
 
@@ -653,7 +673,7 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], benchmarks: tuple[str
     baseline = results[UNCOMPRESSED_RUN]
     fig = Figure(figsize=(11, 4.2))  # no pyplot: nothing depends on the GUI backend, nothing is left open
     ax_score, ax_time = fig.subplots(1, 2)
-    for method, marker in zip((*BASELINE_METHODS, PROPOSED_METHOD), "osD", strict=True):
+    for method, marker in zip((*BASELINE_METHODS, PROPOSED_METHOD, TRAINED_FASTV), "osD^", strict=True):
         rows = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["efficiency"]["kept_tokens"])
         if not rows:
             continue
