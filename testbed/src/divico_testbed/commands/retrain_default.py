@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from divico_testbed.data.benchmarks import MAX_CHOICE_ORDERS
+from divico_testbed.learning_curves import write_learning_curves
 from divico_testbed.recipe import RecipeConfig, export_assets, run_recipe
 
 
@@ -44,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--export", action="store_true",
                         help="copy the trained parts into the package assets (what `divico demo` loads)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--curves", type=Path, default=None, metavar="DIR",
+                        help="write DIR/learning_curves.png and DIR/training.md (steps, kept step, validation "
+                        "losses) of the finished compressor runs")
     parser.set_defaults(func=run)
 
 
@@ -83,4 +87,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {path}")
     if args.export:
         print(f"exported to {export_assets(args.out)}")
+    if args.curves is not None:
+        plot, table = write_learning_curves(args.out, args.curves)
+        print(f"wrote {plot} and {table}")
     return 0
