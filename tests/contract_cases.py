@@ -33,7 +33,7 @@ from torch import nn
 import divico
 from divico.lora import inject_lora, lora_target_regex
 from divico.methods.base import CompressionMethod
-from divico.registry import get_method_class
+from divico.registry import adapter_classes, get_method_class
 from divico.selection import TokenSelection
 from tiny_models import (
     FIRST_SPECIAL_ID,
@@ -52,6 +52,13 @@ from tiny_models import (
     tiny_video_llava,
     video_llava_batch,
     video_llava_prompt,
+)
+from tiny_idefics3 import idefics3_accounting, idefics3_batch, idefics3_prompts, tiny_idefics3
+from tiny_internvl import internvl_accounting, internvl_batch, internvl_prompts, tiny_internvl
+from tiny_qwen3_vl import qwen3_contract_prompts, tiny_qwen3_vl
+from tiny_gemma3 import GEMMA3_TOKENS_PER_IMAGE, gemma3_batch, gemma3_prompt, gemma3_prompts, tiny_gemma3
+from tiny_llava_next import (
+    next_batch, next_prompts, onevision_batch, onevision_prompts, tiny_llava_next, tiny_llava_onevision,
 )
 
 LAYER = 2  # K: layers 0..1 see every token, layers 2..3 (of 4) the kept ones
@@ -126,6 +133,42 @@ FAMILIES: dict[str, Family] = {
         accounting=lambda: [(video_llava_prompt(1, 0, seed=2), 1, VIDEO_LLAVA_PATCHES),
                             (video_llava_prompt(0, 1, seed=1), VIDEO_LLAVA_FRAMES, VIDEO_LLAVA_PATCHES + 1)],
     ),
+    # Tiles + thumbnail, pixel-shuffled: every tile is a fixed 4 x 4 grid of LLM tokens (tests/tiny_internvl.py).
+    "InternVLForConditionalGeneration": Family(
+        build=lambda attn: tiny_internvl(attn=attn), prompts=internvl_prompts, batch=internvl_batch,
+        accounting=internvl_accounting,
+    ),
+    # Image splitting with row/column markers between the tiles, zero-padded image batches (tests/tiny_idefics3.py).
+    "Idefics3ForConditionalGeneration": Family(
+        build=lambda attn: tiny_idefics3("idefics3", attn=attn), prompts=lambda: idefics3_prompts("idefics3"),
+        batch=idefics3_batch, accounting=lambda: idefics3_accounting("idefics3"),
+    ),
+    "SmolVLMForConditionalGeneration": Family(
+        build=lambda attn: tiny_idefics3("smolvlm", attn=attn), prompts=lambda: idefics3_prompts("smolvlm"),
+        batch=idefics3_batch, accounting=lambda: idefics3_accounting("smolvlm"),
+    ),
+    # Per-head q/k norms, interleaved mRoPE, DeepStack after layers 0-2 (so after K), one run per video frame
+    # (tests/tiny_qwen3_vl.py).
+    "Qwen3VLForConditionalGeneration": Family(
+        build=lambda attn: tiny_qwen3_vl(attn=attn), prompts=qwen3_contract_prompts, batch=qwen_batch,
+    ),
+    # Sliding/full layers with their own RoPE bases, 8-token window, q/k norms, projector avg-pool
+    # (tests/tiny_gemma3.py); token_type_ids make each image's tokens bidirectional, which check_oracle's mask
+    # reproduces (_image_blocks).
+    "Gemma3ForConditionalGeneration": Family(
+        build=lambda attn: tiny_gemma3(attn=attn), prompts=gemma3_prompts,
+        batch=gemma3_batch,
+        accounting=lambda: [(gemma3_prompt(2, 3, 4, seed=2), 2, GEMMA3_TOKENS_PER_IMAGE)],
+    ),
+    # Any resolution: base grid + unpadded tile mosaic with a row-end token per row, pixels padded along the tile
+    # axis, inputs from the real LlavaNextProcessor (tests/tiny_llava_next.py).
+    "LlavaNextForConditionalGeneration": Family(
+        build=lambda attn: tiny_llava_next(attn=attn), prompts=next_prompts, batch=next_batch,
+    ),
+    # The same images, a multi-image sample (no tiles: base + row end) and a video (2 x 2 frames + one row end).
+    "LlavaOnevisionForConditionalGeneration": Family(
+        build=lambda attn: tiny_llava_onevision(attn=attn), prompts=onevision_prompts, batch=onevision_batch,
+    ),
 }
 
 
@@ -192,6 +235,18 @@ def keep_all_config(method: str, **overrides: Any) -> divico.CompressionConfig:
     return compress_config(method, **{**overrides, "keep_ratio": 1.0})
 
 
+def adapter_class(model_class: str) -> type:
+    """The registered adapter class serving ``model_class``."""
+    (cls,) = [cls for cls in adapter_classes() if model_class in cls.model_classes]
+    return cls
+
+
+def supports(method: str, model_class: str) -> bool:
+    """The family's adapter provides what the method requires (its ``required_capabilities``); for the other pairs
+    the matrix checks that ``apply_compression`` refuses them with an error naming the missing capability."""
+    return get_method_class(method).required_capabilities <= adapter_class(model_class).capabilities
+
+
 def is_layer_level(method: str) -> bool:
     return get_method_class(method).level == "layer"
 
@@ -238,6 +293,27 @@ def _keep_mask(visual: torch.Tensor, kept_positions: torch.Tensor) -> torch.Tens
     return ~visual | (visual & kept)
 
 
+def _stages(report: Any) -> list[dict[str, Any]]:
+    """Each compression stage of a report: ``layer``, ``kept_positions``, ``num_kept``, ``seq_len_after``.
+
+    One entry (the report's own fields) for single-stage methods; a schedule's stages from ``extra["stages"]``
+    (PyramidDrop), the last of which is the report's final kept set.
+    """
+    if "stages" in report.extra:
+        return list(report.extra["stages"])
+    return [{"layer": report.layer, "kept_positions": report.kept_positions, "num_kept": report.num_kept,
+             "seq_len_after": report.seq_len_after}]
+
+
+def _layer_lengths(stages: list[dict[str, Any]], length: int, num_layers: int) -> list[int]:
+    """Sequence length each layer sees in a prefill: ``length`` before the first stage, then each stage's."""
+    lengths = [length] * num_layers
+    for stage in stages:
+        for idx in range(int(stage["layer"]), num_layers):
+            lengths[idx] = int(stage["seq_len_after"])
+    return lengths
+
+
 def _extend(inputs: dict[str, torch.Tensor], new_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """The prompt followed by ``new_ids`` (B, T) as text: ids, mask and per-token type ids extended."""
     out = dict(inputs)
@@ -249,9 +325,19 @@ def _extend(inputs: dict[str, torch.Tensor], new_ids: torch.Tensor) -> dict[str,
     return out
 
 
-def _force_selection(runtime: Any, keep: torch.Tensor) -> None:
-    """Make the next prefill keep exactly ``keep`` (its scores would differ on a longer prompt)."""
-    runtime.method.select = lambda scores, visual, groups: keep
+def _force_selection(runtime: Any, keep: torch.Tensor | list[torch.Tensor]) -> None:
+    """Make the next prefill keep exactly ``keep`` (its scores would differ on a longer prompt): one (B, N) mask,
+    or one per stage of a schedule, each in original positions."""
+    keeps = keep if isinstance(keep, list) else [keep]
+
+    def forced(scores: torch.Tensor, visual: torch.Tensor, groups: torch.Tensor, stage: int = 0,
+               **_: Any) -> torch.Tensor:
+        if stage == 0:
+            return keeps[0]
+        positions = runtime.stage_input_positions  # the slots of the sequence this boundary selects from
+        return ~visual | (visual & keeps[stage].gather(1, positions.clamp(min=0)))
+
+    runtime.method.select = forced
 
 
 def hook_snapshot(model: nn.Module) -> dict[str, tuple]:
@@ -291,21 +377,23 @@ def check_keep_all(method: str, model_class: str, attn: str, **options: Any) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def _eager_last_token_attention(model_class: str) -> torch.Tensor:
-    """(B, N) eager attention of the last prompt token at layer K-1, mean over heads, of the unmodified model."""
+def _eager_last_token_attention(model_class: str, layer: int = LAYER) -> torch.Tensor:
+    """(B, N) eager attention of the last prompt token at layer ``layer - 1`` (K-1), mean over heads, of the
+    unmodified model."""
     inputs = batch_of(model_class, MIXED)
     with torch.no_grad():
         attentions = pristine(model_class, "eager")(**inputs, output_attentions=True).attentions
-    return attentions[LAYER - 1][:, :, -1, :].mean(dim=1)
+    return attentions[layer - 1][:, :, -1, :].mean(dim=1)
 
 
 def check_scores(method: str, model_class: str, attn: str, **options: Any) -> None:
     """The report's scores are eager ``output_attentions`` of the last prompt token at layer K-1, mean over heads
     (NaN past each sample's visual tokens); a method using the base ``select`` keeps the top-k by them."""
     inputs = batch_of(model_class, MIXED)
-    expected = _eager_last_token_attention(model_class)
     model = fresh(model_class, attn)
     divico.apply_compression(model, compress_config(method, **options))
+    # The first boundary's layer: K, or a schedule's first stage boundary (its scores are the report's).
+    expected = _eager_last_token_attention(model_class, divico.get_runtime(model).layer)
     with torch.no_grad():
         model(**inputs)
     report = divico.last_report(model)
@@ -334,7 +422,10 @@ def check_cache_lengths(method: str, model_class: str, attn: str, **options: Any
     runtime = divico.get_runtime(model)
     num_layers = runtime.adapter.num_layers()
     first = runtime.method.first_compressed_layer
-    assert first == (LAYER if is_layer_level(method) else 0)
+    schedule = runtime.method.compression_layers(num_layers)
+    # One layer K = LAYER for single-stage methods; a schedule (PyramidDrop) starts at its own first boundary.
+    assert first == schedule[0] == (0 if not is_layer_level(method) else LAYER if len(schedule) == 1 else first)
+    assert runtime.layers == schedule
     inputs = batch_of(model_class, VISUAL_PAIR)
     length = inputs["input_ids"].shape[1]
     with torch.no_grad():
@@ -342,10 +433,15 @@ def check_cache_lengths(method: str, model_class: str, attn: str, **options: Any
     report = divico.last_report(model)
     assert report.layer == first
     assert bool((report.num_kept < report.num_visual).all()), "the matrix config must actually compress"
-    # Left padding stays: the batch shrinks by the fewest visual tokens any sample loses.
-    short = length - int((report.num_visual - report.num_kept).min())
+    stages = _stages(report)
+    assert [int(stage["layer"]) for stage in stages] == schedule
+    for stage in stages:
+        # Left padding stays: the batch shrinks by the fewest visual tokens any sample loses (at every stage).
+        assert int(stage["seq_len_after"]) == length - int((report.num_visual - stage["num_kept"]).min())
+    assert torch.equal(stages[-1]["num_kept"], report.num_kept)
+    short = int(stages[-1]["seq_len_after"])
     assert (report.seq_len_before, report.seq_len_after) == (length, short)
-    assert _cache_lengths(_cache(out), num_layers) == [length if i < first else short for i in range(num_layers)]
+    assert _cache_lengths(_cache(out), num_layers) == _layer_lengths(stages, length, num_layers)
     # Layer-level methods scatter the final states back: logits line up with input_ids.
     assert out.logits.shape[1] == (length if is_layer_level(method) else short)
     for spec, items, tokens_per_item in family(model_class).accounting():
@@ -374,17 +470,18 @@ def check_cached_decode(method: str, model_class: str, attn: str, **options: Any
     with torch.no_grad():
         out = model.generate(**inputs, **generation_kwargs(model), output_logits=True, return_dict_in_generate=True)
     report = divico.last_report(model)
-    first = runtime.method.first_compressed_layer
-    prefill = [length if i < first else report.seq_len_after for i in range(num_layers)]
+    stages = _stages(report)
+    prefill = _layer_lengths(stages, length, num_layers)
     assert _cache_lengths(_cache(out), num_layers) == [n + NEW_TOKENS - 1 for n in prefill]
     assert len(out.logits) == NEW_TOKENS
     visual = _visual(model, inputs["input_ids"])
-    keep = _keep_mask(visual, report.kept_positions)
+    keeps = [_keep_mask(visual, stage["kept_positions"]) for stage in stages]
     for step in range(1, NEW_TOKENS):
         new_ids = out.sequences[:, length:length + step]
         extended = _extend(inputs, new_ids)
         if is_layer_level(method):
-            _force_selection(runtime, torch.cat([keep, torch.ones_like(new_ids, dtype=torch.bool)], dim=1))
+            _force_selection(runtime, [torch.cat([keep, torch.ones_like(new_ids, dtype=torch.bool)], dim=1)
+                                       for keep in keeps])
         with torch.no_grad():
             uncached = model(**extended, use_cache=False).logits[:, -1]
         torch.testing.assert_close(out.logits[step], uncached, atol=ATOL_REORDER, rtol=0,
@@ -510,16 +607,28 @@ def _with_hidden(args: tuple, kwargs: dict[str, Any], hidden: torch.Tensor) -> t
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _image_blocks(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """(B, N) id of each image token's run of image tokens (1, 2, ... per sample), -1 for other tokens."""
+    image = token_type_ids == 1
+    starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+    return torch.where(image, starts.long().cumsum(dim=1), -1)
+
+
 def _oracle_mask(keep: torch.Tensor, attention_mask: torch.Tensor, window: int | None,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 1, N, N) additive mask: causal, no padding keys, no removed keys; a sliding window counts kept tokens.
 
     The engine's layers >= K run on the compressed sequence, so a sliding window spans the last ``window`` *kept*
-    tokens; the oracle keeps every position and measures the window the same way.
+    tokens; the oracle keeps every position and measures the window the same way. ``blocks``
+    (:func:`_image_blocks`, from ``token_type_ids``) also lets the tokens of one image see each other in both
+    directions, as Gemma 3 does.
     """
     length = keep.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-    allowed = causal[None] & (keep & attention_mask.bool())[:, None, :]
+    allowed = causal[None].expand(keep.shape[0], -1, -1)
+    if blocks is not None:
+        allowed = allowed | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+    allowed = allowed & (keep & attention_mask.bool())[:, None, :]
     if window is not None:
         rank = keep.long().cumsum(dim=1)  # slot of each kept token in the compressed sequence (up to a shift)
         allowed &= (rank[:, :, None] - rank[:, None, :]) < window
@@ -530,7 +639,8 @@ def _oracle_mask(keep: torch.Tensor, attention_mask: torch.Tensor, window: int |
 def check_oracle(method: str, model_class: str, attn: str, **options: Any) -> None:
     """Layer-level methods: the compressed model equals the *unmodified* model in which layers >= K cannot see the
     removed visual tokens (attention mask; positions unchanged) and layer K's input carries the method's change of
-    the kept rows (DiViCo's gap; zero for a pure selection).
+    the kept rows (DiViCo's gap; zero for a pure selection). For a schedule (PyramidDrop) each stage's layers
+    cannot see the tokens removed up to that stage.
 
     Also: text rows enter layer K unchanged, the base ``compress`` changes nothing, and a randomised compressor
     changes kept visual rows (so the gap path is exercised).
@@ -541,6 +651,7 @@ def check_oracle(method: str, model_class: str, attn: str, **options: Any) -> No
     randomize_compressor(model)
     runtime = divico.get_runtime(model)
     layers = runtime.adapter.decoder_layers()
+    first = runtime.layer  # K, or a schedule's first boundary
     captured: dict[str, torch.Tensor] = {}
 
     def before_engine(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -549,8 +660,8 @@ def check_oracle(method: str, model_class: str, attn: str, **options: Any) -> No
     def after_engine(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         captured["compressed"] = _hidden(args, kwargs).detach().clone()
 
-    handles = [layers[LAYER].register_forward_pre_hook(before_engine, with_kwargs=True, prepend=True),
-               layers[LAYER].register_forward_pre_hook(after_engine, with_kwargs=True)]
+    handles = [layers[first].register_forward_pre_hook(before_engine, with_kwargs=True, prepend=True),
+               layers[first].register_forward_pre_hook(after_engine, with_kwargs=True)]
     try:
         with torch.no_grad():
             compressed = model(**inputs).logits
@@ -560,13 +671,17 @@ def check_oracle(method: str, model_class: str, attn: str, **options: Any) -> No
     report = divico.last_report(model)
     has_compressor = runtime.compressor is not None
     uses_base_compress = type(runtime.method).compress is CompressionMethod.compress
-    window = {idx: runtime.adapter.sliding_window(idx) for idx in range(LAYER, len(layers))}
+    window = {idx: runtime.adapter.sliding_window(idx) for idx in range(first, len(layers))}
     divico.remove_compression(model)
 
     visual = _visual(model, inputs["input_ids"])
-    keep = _keep_mask(visual, report.kept_positions)
+    stages = _stages(report)
+    stage_keeps = [_keep_mask(visual, stage["kept_positions"]) for stage in stages]
+    keep_of_layer = {idx: keep for stage, keep in zip(stages, stage_keeps)
+                     for idx in range(int(stage["layer"]), len(layers))}  # later stages overwrite earlier ones
+    keep = stage_keeps[-1]
     assert bool((~keep).any()), "the matrix config must remove visual tokens"
-    selection = TokenSelection.from_keep_mask(keep, visual)
+    selection = TokenSelection.from_keep_mask(stage_keeps[0], visual)
     original = captured["original"]
     delta = captured["compressed"] - selection.gather(original, seq_dim=1, fill=0.0)  # (B, M, d)
     assert torch.equal(delta[~selection.kept_visual], torch.zeros_like(delta[~selection.kept_visual])), \
@@ -577,15 +692,18 @@ def check_oracle(method: str, model_class: str, attn: str, **options: Any) -> No
         assert bool((delta[selection.kept_visual].abs().amax(dim=-1) > 0).any()), "the compressor changed nothing"
     gap = selection.scatter_back(delta, torch.zeros_like(original))  # (B, N, d), zero outside kept visual rows
 
+    blocks = _image_blocks(inputs["token_type_ids"]) if "token_type_ids" in inputs else None
+
     def oracle_hook(idx: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         hidden = _hidden(args, kwargs)
-        kwargs = {**kwargs, "attention_mask": _oracle_mask(keep, inputs["attention_mask"], window[idx], hidden.dtype)}
-        if idx == LAYER:
+        kwargs = {**kwargs, "attention_mask": _oracle_mask(keep_of_layer[idx], inputs["attention_mask"], window[idx],
+                                                           hidden.dtype, blocks)}
+        if idx == first:
             hidden = hidden + gap.to(hidden.dtype)
         return _with_hidden(args, kwargs, hidden)
 
     handles = [layers[idx].register_forward_pre_hook(functools.partial(oracle_hook, idx), with_kwargs=True)
-               for idx in range(LAYER, len(layers))]
+               for idx in range(first, len(layers))]
     try:
         with torch.no_grad():
             oracle = model(**inputs).logits

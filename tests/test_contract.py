@@ -19,6 +19,7 @@ from contract_cases import (
     FAMILIES,
     MIXED,
     ATOL_REORDER,
+    adapter_class,
     batch_of,
     check_batch_equals_singles,
     check_cache_lengths,
@@ -31,12 +32,14 @@ from contract_cases import (
     compress_config,
     family,
     fresh,
+    hook_snapshot,
     is_layer_level,
     one_torch_thread,
     pristine,
     scores_apply,
+    supports,
 )
-from divico.registry import adapter_classes
+from divico.registry import adapter_classes, get_method_class
 from tiny_models import randomize_compressor
 
 # Read once, at collection: the parametrisation below is fixed before any test runs, so a method that a test
@@ -46,11 +49,18 @@ MODELS = divico.available_models()
 
 
 def cells(applies=lambda method: True) -> list:
-    """(method, model class, attn) for every registered method that ``applies``, every model class, both kernels."""
+    """(method, model class, attn) for every registered method that ``applies``, every model class whose adapter
+    supports it (:func:`contract_cases.supports`; the other pairs are :func:`refused_pairs`), both kernels."""
     return [pytest.param(method, model_class, attn, id=f"{method}-{model_class}-{attn}")
             for method in METHODS if applies(method)
-            for model_class in MODELS
+            for model_class in MODELS if supports(method, model_class)
             for attn in ATTN_IMPLEMENTATIONS]
+
+
+def refused_pairs() -> list:
+    """(method, model class) for every method whose required capabilities the model's adapter lacks."""
+    return [pytest.param(method, model_class, id=f"{method}-{model_class}")
+            for method in METHODS for model_class in MODELS if not supports(method, model_class)]
 
 
 CELL = ("method", "model_class", "attn")
@@ -122,6 +132,18 @@ def test_matches_masked_oracle(method, model_class, attn):
     check_oracle(method, model_class, attn)
 
 
+@pytest.mark.parametrize(("method", "model_class"), refused_pairs())
+def test_unsupported_pairs_are_refused_with_the_missing_capability(method, model_class):
+    """A method the family cannot serve fails at apply_compression, naming what is missing and what works instead,
+    and leaves the model unmodified (no hook, no attribute)."""
+    model = fresh(model_class, "sdpa")
+    missing = sorted(get_method_class(method).required_capabilities - adapter_class(model_class).capabilities)
+    with pytest.raises(TypeError, match=rf"Method '{method}' needs {missing[0]}.*methods for this model: .*fastv"):
+        divico.apply_compression(model, compress_config(method))
+    assert divico.get_runtime(model) is None
+    assert hook_snapshot(model) == hook_snapshot(pristine(model_class, "sdpa"))
+
+
 @pytest.mark.parametrize("attn", ATTN_IMPLEMENTATIONS)
 @pytest.mark.parametrize("model_class", MODELS)
 def test_untrained_divico_equals_fastv(model_class, attn):
@@ -143,7 +165,7 @@ def test_sdpa_and_eager_compress_identically(model_class):
     """The two kernels keep the same tokens and give the same logits (to summation order) for every method, with
     the same randomised compressor state."""
     inputs = batch_of(model_class, MIXED)
-    for method in METHODS:
+    for method in (m for m in METHODS if supports(m, model_class)):
         outputs = {}
         for attn in ATTN_IMPLEMENTATIONS:
             model = fresh(model_class, attn)

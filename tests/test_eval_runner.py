@@ -480,3 +480,21 @@ def registered_color_bench(monkeypatch: pytest.MonkeyPatch) -> type[ColorBench]:
     """ColorBench in the benchmark registry for one test (the registry is restored afterwards)."""
     monkeypatch.setitem(benchmark_module._BENCHMARKS, "tiny_colors", ColorBench)
     return ColorBench
+
+
+def test_configured_restores_the_projector_a_deco_compressor_overwrote(tmp_path):
+    """Compare mode loads DeCo's trained projector into the model itself; leaving the configuration puts the stock
+    weights back, so the configurations after it (e.g. the baseline) are not evaluated with DeCo's projector."""
+    model = tiny_llava(seed=0).eval()
+    stock = {key: value.clone() for key, value in model.state_dict().items()}
+    trained = tiny_llava(seed=0).eval()
+    divico.apply_compression(trained, divico.CompressionConfig("deco", keep_ratio=0.25))
+    with torch.no_grad():
+        for parameter in trained.model.multi_modal_projector.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    divico.save_compressor(trained, tmp_path / "deco")
+    with configured(model, EvalConfiguration("deco", compressor=tmp_path / "deco")):
+        loaded = model.model.multi_modal_projector.linear_1.weight
+        assert not torch.equal(loaded, stock["model.multi_modal_projector.linear_1.weight"])
+    after = model.state_dict()
+    assert after.keys() == stock.keys() and all(torch.equal(after[key], stock[key]) for key in stock)

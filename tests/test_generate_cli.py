@@ -56,7 +56,7 @@ def test_eval_parses_every_documented_option() -> None:
             "--data-root", "data", "--split", f"{names[0]}=val", "--out", "out", "--limit", "5", "--batch-size", "4",
             "--max-new-tokens", "8", "--compare", "baseline", "fastv:0.111", "--judge-url", "http://h/v1",
             "--judge-model", "judge", "--judge-key-env", "KEY", "--judge-local", "local", "--judge-workers", "2",
-            "--no-progress"]
+            "--no-progress", "--selector", "dart", "--noise-sigma", "0.5", "--noise-kind", "pixels", "--noise-seed", "3"]
     # Every option the parser documents is exercised here (a new option fails this until it is added).
     assert option_strings(subcommand_parser("eval")) - set(argv) == {"--keep-ratio"}
     args = build_parser().parse_args(argv)
@@ -69,6 +69,7 @@ def test_eval_parses_every_documented_option() -> None:
     assert (args.judge_url, args.judge_model, args.judge_key_env, args.judge_local, args.judge_workers) == (
         "http://h/v1", "judge", "KEY", "local", 2)
     assert args.no_progress is True
+    assert (args.selector, args.noise_sigma, args.noise_kind, args.noise_seed) == ("dart", 0.5, "pixels", 3)
     defaults = build_parser().parse_args(["eval", "--model", "m", "--benchmark", names[0], "--data-root", "d",
                                           "--out", "o", "--keep-ratio", "0.25"])
     assert (defaults.method, defaults.keep_ratio, defaults.batch_size, defaults.dtype) == (None, 0.25, 1, "float32")
@@ -83,11 +84,12 @@ def test_eval_parses_every_documented_option() -> None:
 def test_generate_parses_every_documented_option() -> None:
     argv = ["generate", "--model", "m", "--dtype", "float16", "--device", "cpu", "--method", "divico", "--encoder",
             "none", "--keep-ratio", "0.25", "--layer", "1", "--compressor", "ckpt", "--image", "a.png", "b.png",
-            "--video", "v.mp4", "--num-frames", "4", "--prompt", "what", "--max-new-tokens", "5", "--compare"]
+            "--video", "v.mp4", "--num-frames", "4", "--prompt", "what", "--max-new-tokens", "5", "--compare", "--selector", "random"]
     assert option_strings(subcommand_parser("generate")) - set(argv) == {"--keep-tokens"}
     args = build_parser().parse_args(argv)
     assert args.image == [Path("a.png"), Path("b.png")] and args.video == Path("v.mp4") and args.num_frames == 4
     assert (args.method, args.encoder, args.keep_ratio, args.layer) == ("divico", "none", 0.25, 1)
+    assert args.selector == "random"
     assert (args.prompt, args.max_new_tokens, args.compare, args.compressor) == ("what", 5, True, Path("ckpt"))
 
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from divico.config import CompressionConfig
-from divico.registry import get_adapter, get_method_class
+from divico.registry import available_methods, get_adapter, get_method_class
 from divico.report import CompressionReport
 from divico.runtime import CompressionRuntime
 
@@ -53,6 +53,8 @@ def apply_compression(model: nn.Module, config: CompressionConfig) -> nn.Module:
     ------
     TypeError
         Unsupported model class (the message lists the supported ones) or a config of the wrong type.
+        Also a method that needs a capability the model's adapter lacks (e.g. VisionZip on a model whose vision
+        tower's attention the adapter does not expose); the message lists the methods that work for it.
     ValueError
         ``config.layer`` outside [1, num_layers - 1], or the model is already compressed.
     """
@@ -63,6 +65,15 @@ def apply_compression(model: nn.Module, config: CompressionConfig) -> nn.Module:
     if get_runtime(base) is not None:
         raise ValueError("This model is already compressed; call divico.remove_compression(model) first.")
     method = get_method_class(config.method)(config)
+    missing = method.required_capabilities - adapter.capabilities
+    if missing:
+        usable = [name for name in available_methods()
+                  if get_method_class(name).required_capabilities <= adapter.capabilities]
+        raise TypeError(
+            f"Method {config.method!r} needs {', '.join(sorted(missing))} from the model adapter, which "
+            f"{type(adapter).__name__} ({type(base).__name__}) does not provide; methods for this model: "
+            f"{', '.join(usable)}."
+        )
     num_layers = adapter.num_layers()
     if method.level == "layer" and not (1 <= config.layer <= num_layers - 1):
         raise ValueError(

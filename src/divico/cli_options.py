@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from divico.config import ENCODER_CHOICES, CompressionConfig
+from divico.config import DEFAULT_SELECTOR, ENCODER_CHOICES, CompressionConfig, selector_choices
 from divico.evaluation.runner import BASELINE, EvalConfiguration
+from divico.perturbation import NOISE_KINDS, NoiseConfig
 from divico.registry import available_methods
 
 __all__ = [
@@ -23,8 +24,10 @@ __all__ = [
     "add_compression_arguments",
     "add_inference_compression_arguments",
     "add_model_arguments",
+    "add_noise_arguments",
     "compression_from_args",
     "configuration_from_args",
+    "noise_from_args",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -42,7 +45,8 @@ def add_compression_arguments(
     keep_ratio_help: str,
     with_compressor: bool,
 ) -> None:
-    """Add ``--method``, ``--encoder``, ``--keep-ratio`` | ``--keep-tokens``, ``--layer`` (and ``--compressor``).
+    """Add ``--method``, ``--encoder``, ``--keep-ratio`` | ``--keep-tokens``, ``--layer``, ``--selector`` (and
+    ``--compressor``).
 
     Parameters
     ----------
@@ -64,6 +68,9 @@ def add_compression_arguments(
     keep.add_argument("--keep-ratio", type=float, default=None, help=keep_ratio_help)
     keep.add_argument("--keep-tokens", type=int, default=None, help="visual tokens kept per sample")
     parser.add_argument("--layer", type=int, default=2, help="K, the first compressed decoder layer (default 2)")
+    parser.add_argument("--selector", default=DEFAULT_SELECTOR, choices=selector_choices(),
+                        help="which tokens DiViCo keeps before g_theta fills the gap: attention (paper: the last "
+                        "prompt token's attention top-k) or a layer-level method's selection (e.g. random, fastv)")
     if with_compressor:
         parser.add_argument("--compressor", type=Path, default=None, metavar="DIR",
                             help="trained compressor folder (config.json + weights, from divico train); alone it "
@@ -94,11 +101,12 @@ def compression_from_args(args: argparse.Namespace, *, default_keep_ratio: float
         or values the config refuses (the message names them and the valid range).
     """
     compressor = getattr(args, "compressor", None)
+    selector = getattr(args, "selector", DEFAULT_SELECTOR)
     if args.method is None:
         rate_given = args.keep_ratio is not None or args.keep_tokens is not None
-        if compressor is None and (rate_given or args.encoder != "variational"):
-            raise ValueError("--keep-ratio, --keep-tokens and --encoder need --method (or --compressor DIR); without "
-                             "them the model runs uncompressed.")
+        if compressor is None and (rate_given or args.encoder != "variational" or selector != DEFAULT_SELECTOR):
+            raise ValueError("--keep-ratio, --keep-tokens, --encoder and --selector need --method (or --compressor "
+                             "DIR); without them the model runs uncompressed.")
         if compressor is not None and rate_given:
             raise ValueError("--keep-ratio / --keep-tokens with --compressor need --method too (the compressor's "
                              "method), so the rate applies to it.")
@@ -107,7 +115,7 @@ def compression_from_args(args: argparse.Namespace, *, default_keep_ratio: float
     if not given and default_keep_ratio is None:
         raise ValueError(f"--method {args.method} needs --keep-ratio or --keep-tokens.")
     return CompressionConfig(method=args.method, keep_ratio=args.keep_ratio if given else default_keep_ratio,
-                             keep_tokens=args.keep_tokens, layer=args.layer, encoder=args.encoder)
+                             keep_tokens=args.keep_tokens, layer=args.layer, encoder=args.encoder, selector=selector)
 
 
 def configuration_from_args(args: argparse.Namespace, *, default_keep_ratio: float | None) -> EvalConfiguration:
@@ -127,6 +135,30 @@ def configuration_from_args(args: argparse.Namespace, *, default_keep_ratio: flo
     keep = f"{compression.keep_ratio:g}" if compression.keep_ratio is not None else str(compression.keep_tokens)
     return EvalConfiguration(f"{compression.method}@{keep}", compression=compression,
                              compressor=None if compressor is None else Path(compressor))
+
+
+def add_noise_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--noise-sigma``, ``--noise-kind`` and ``--noise-seed`` (the paper's perturbation, Table II)."""
+    parser.add_argument("--noise-sigma", type=float, default=0.0, metavar="SIGMA",
+                        help="add SIGMA x standard-Gaussian noise to the visual input (default 0: clean)")
+    parser.add_argument("--noise-kind", default="features", choices=NOISE_KINDS,
+                        help="where the noise goes: features (the projector's output, the paper's; default) or "
+                        "pixels (the processor's normalised pixel values)")
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the noise (default 0)")
+
+
+def noise_from_args(args: argparse.Namespace) -> NoiseConfig | None:
+    """The :class:`~divico.perturbation.NoiseConfig` of the noise options, or None when ``--noise-sigma`` is 0.
+
+    Raises
+    ------
+    ValueError
+        A negative or non-finite sigma, or a negative seed (the message names the value).
+    """
+    if args.noise_sigma == 0:
+        NoiseConfig(0.0, args.noise_kind, args.noise_seed)  # validates the kind and seed all the same
+        return None
+    return NoiseConfig(args.noise_sigma, args.noise_kind, args.noise_seed)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from divico.registry import available_methods
+from divico.registry import available_methods, get_method_class
 
 ENCODER_CHOICES = ("variational", "deterministic", "none")
 SCORING_CHOICES = ("sdpa", "full_attention")
@@ -17,6 +17,8 @@ SCORING_CHOICES = ("sdpa", "full_attention")
 KL_REDUCTIONS = ("sum", "mean")
 #: ``kl_reduction`` of a saved config that predates the field: every such checkpoint was trained with the mean.
 LEGACY_KL_REDUCTION = "mean"
+#: DiViCo's default ``selector``: the paper's top-k by the last prompt token's attention at layer K-1 (Eq. 4-5).
+DEFAULT_SELECTOR = "attention"
 
 
 @dataclass
@@ -67,6 +69,13 @@ class CompressionConfig:
         that training adds to the loss and that :func:`divico.last_report` reports; inference outputs do not
         depend on it. Saved configs without this field (checkpoints written before 2026-12) were trained with
         ``"mean"`` and :meth:`from_dict` reads them so.
+    selector
+        Which visual tokens DiViCo keeps before its gap encoder g_theta compensates for the removed ones:
+        ``"attention"`` (default, the paper's top-k by the last prompt token's attention at layer K-1) or the name
+        of a registered layer-level method that takes no selector itself (e.g. ``"random"``, ``"fastv"``; see
+        :func:`selector_choices`), whose ``select``, ``needs_scores`` and scoring FLOPs DiViCo then uses. Only a
+        method with ``takes_selector`` (``"divico"``) accepts another value; saved configs without the field read
+        as ``"attention"``.
     """
 
     method: str = "divico"
@@ -80,6 +89,7 @@ class CompressionConfig:
     per_frame_keep: bool = False
     kl_reduction: Literal["sum", "mean"] = "sum"
     extra: dict[str, Any] = field(default_factory=dict)
+    selector: str = DEFAULT_SELECTOR
 
     def __post_init__(self) -> None:
         if self.method not in available_methods():
@@ -116,6 +126,21 @@ class CompressionConfig:
             raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {self.kl_reduction!r}.")
         if not (self.init_sigma > 0.0):
             raise ValueError(f"init_sigma must be > 0, got {self.init_sigma!r}.")
+        self._check_selector()
+
+    def _check_selector(self) -> None:
+        valid = selector_choices()
+        if self.selector not in valid:
+            raise ValueError(
+                f"selector must be {DEFAULT_SELECTOR!r} or a registered layer-level method that takes no selector "
+                f"itself; got {self.selector!r}; valid: {', '.join(valid)}."
+            )
+        if self.selector != DEFAULT_SELECTOR and not getattr(get_method_class(self.method), "takes_selector", False):
+            takers = [name for name in available_methods() if getattr(get_method_class(name), "takes_selector", False)]
+            raise ValueError(
+                f"selector={self.selector!r} applies only to methods that take a selector ({', '.join(takers)}); "
+                f"method {self.method!r} selects by itself: leave selector at {DEFAULT_SELECTOR!r}."
+            )
 
     def keep_count(self, num_visual: int) -> int:
         """Visual tokens to keep out of ``num_visual`` (one pool): :func:`keep_count` with this config's values.
@@ -155,6 +180,24 @@ class CompressionConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "CompressionConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def selector_choices() -> list[str]:
+    """Valid ``CompressionConfig.selector`` values: ``"attention"``, then every registered layer-level method that
+    selects once, at layer K, and takes no selector itself, sorted.
+
+    Excluded: methods with ``takes_selector`` (DiViCo cannot select for another) and methods with a schedule of
+    several compressing layers (they override ``compression_layers``, e.g. PyramidDrop): DiViCo's gap encoder acts
+    at one layer.
+    """
+    def single_stage(cls: type) -> bool:
+        return sum("compression_layers" in vars(owner) for owner in cls.__mro__) <= 1
+
+    methods = [name for name in available_methods()
+               if getattr(get_method_class(name), "level", None) == "layer"
+               and not getattr(get_method_class(name), "takes_selector", False)
+               and single_stage(get_method_class(name))]
+    return [DEFAULT_SELECTOR, *methods]
 
 
 def keep_count(num_visual: int, keep_tokens: int | None = None, keep_ratio: float | None = None) -> int:

@@ -8,6 +8,8 @@ here. ``full_attention`` reproduces the official FastV way (the whole matrix) fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,6 +41,8 @@ class LastTokenAttentionScorer:
         self.sliding_window = sliding_window
         self.enabled = False
         self.query_positions: torch.Tensor | None = None
+        #: Keep every query row (not only the scoring token's), for :meth:`attention_rows_function`.
+        self.capture_all_queries = False
         self._query: torch.Tensor | None = None
         self._key: torch.Tensor | None = None
         # (cos, sin) layer K-1's attention received: models with one RoPE per layer type (Gemma 3's sliding and
@@ -71,7 +75,7 @@ class LastTokenAttentionScorer:
     def _capture_query(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self.enabled:
             # Only the last row is needed unless we reproduce the full-matrix reference or score mid-sequence.
-            whole = self.mode == "full_attention" or self.query_positions is not None
+            whole = self.mode == "full_attention" or self.query_positions is not None or self.capture_all_queries
             self._query = output.detach() if whole else output[:, -1:].detach()
 
     def _capture_rope(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -81,6 +85,79 @@ class LastTokenAttentionScorer:
     def _capture_key(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if self.enabled:
             self._key = output.detach()
+
+    def rotated_keys(self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Layer K-1's keys after its RoPE, as its attention uses them (captured q/k are kept for :meth:`scores`).
+
+        Parameters
+        ----------
+        position_embeddings
+            (cos, sin) used when layer K-1's attention was called without them (as in :meth:`scores`).
+
+        Returns
+        -------
+        torch.Tensor
+            (B, H_kv, N, head_dim) float32 (not repeated over the query heads of a GQA group).
+        """
+        if self._key is None:
+            raise RuntimeError("No key was captured at layer K-1 for this forward; is the scorer enabled?")
+        if self._position_embeddings is not None:
+            position_embeddings = self._position_embeddings
+        if position_embeddings is None:
+            raise RuntimeError("Layer K-1's attention received no position_embeddings and none were given.")
+        layout = self.adapter.attention_layout(self.attention)
+        batch, length = self._key.shape[:2]
+        key = self._key.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+        # The query slot is unused: one key row stands in for it (RoPE is applied to the two independently).
+        _, key = self.adapter.apply_rope_to_query_key(self.attention, key[:, :, -1:], key, position_embeddings)
+        return key.float()
+
+    def attention_rows_function(
+        self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, attention_mask_2d: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A function giving the mean-over-heads attention of chosen query rows at this layer (SparseVLM's raters).
+
+        Binds the q/k captured in this forward (with ``capture_all_queries``), so it stays usable after
+        :meth:`clear`. The returned ``rows_attention(rows, row_valid)`` takes ``rows`` (B, R) long query slots and
+        ``row_valid`` (B, R) bool, and returns (B, R, N) float32 ``mean_h softmax(q_r . k * scaling)`` under the
+        causal mask, the padding of ``attention_mask_2d`` (B, N) and the layer's sliding window; rows with
+        ``row_valid`` False are zero.
+
+        Raises
+        ------
+        RuntimeError
+            If the whole query was not captured (``capture_all_queries`` off) or no RoPE tables are known.
+        """
+        if self._query is None or self._key is None or self._query.shape[1] != self._key.shape[1]:
+            raise RuntimeError("attention_rows_function needs every query row of layer K-1 (capture_all_queries).")
+        if self._position_embeddings is not None:
+            position_embeddings = self._position_embeddings
+        if position_embeddings is None:
+            raise RuntimeError("Layer K-1's attention received no position_embeddings and none were given.")
+        query_rows, key_rows, tables = self._query, self._key, position_embeddings
+        layout = self.adapter.attention_layout(self.attention)
+        window = self.sliding_window
+
+        def rows_attention(rows: torch.Tensor, row_valid: torch.Tensor) -> torch.Tensor:
+            batch, length = key_rows.shape[:2]
+            query = query_rows.view(batch, length, layout.num_heads, layout.head_dim).transpose(1, 2)
+            key = key_rows.view(batch, length, layout.num_kv_heads, layout.head_dim).transpose(1, 2)
+            # RoPE on the whole query (elementwise), then only the chosen rows enter the product.
+            query, key = self.adapter.apply_rope_to_query_key(self.attention, query, key, tables)
+            slots = rows.clamp(min=0)
+            count = slots.shape[1]
+            query = query.float().gather(2, slots[:, None, :, None].expand(batch, layout.num_heads, count,
+                                                                             layout.head_dim))
+            key = key.float().repeat_interleave(layout.num_heads // layout.num_kv_heads, dim=1)
+            logits = torch.matmul(query, key.transpose(-1, -2)) * layout.scaling  # (B, H, R, N)
+            key_index = torch.arange(length, device=key.device)
+            keep = attention_mask_2d.bool()[:, None, :] & (key_index[None, None, :] <= slots[:, :, None])
+            if window is not None:
+                keep = keep & ((slots[:, :, None] - key_index[None, None, :]) < window)
+            probs = torch.softmax(logits.masked_fill(~keep[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+            return probs.mean(dim=1) * row_valid[:, :, None]
+
+        return rows_attention
 
     def scores(
         self, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None, attention_mask_2d: torch.Tensor
@@ -116,6 +193,8 @@ class LastTokenAttentionScorer:
         if positions is None:
             positions = torch.full((batch,), length - 1, dtype=torch.long, device=self._key.device)
         query = self._query
+        if self.mode != "full_attention" and self.query_positions is None and query.shape[1] > 1:
+            query = query[:, -1:]  # every row was kept (capture_all_queries); the last one scores
         if self.mode != "full_attention" and self.query_positions is not None:
             query = query.gather(1, positions.view(batch, 1, 1).expand(batch, 1, query.shape[-1]))
         query = query.view(batch, query.shape[1], layout.num_heads, layout.head_dim).transpose(1, 2)

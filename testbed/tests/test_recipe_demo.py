@@ -481,3 +481,16 @@ def test_retrain_default_refuses_bad_validation_options_before_training(tmp_path
     assert main([*out, "--compressor-eval-records", "0"]) == 2
     assert "--compressor-eval-records must be >= 1, got 0" in capsys.readouterr().out
     assert not (tmp_path / "r").exists()
+
+
+def test_demo_runs_further_training_free_methods_at_every_rate():
+    runs = demo_runs(ASSETS_DIR, methods=("fastv", "random", "dart"))
+    at_keep11 = [spec.name for spec in runs if spec.tag == "keep11.1"]
+    assert at_keep11 == ["fastv-keep11.1", "random-keep11.1", "dart-keep11.1", "deco-keep11.1", "divico-keep11.1"]
+    assert all(spec.checkpoint is None for spec in runs if spec.method in ("random", "dart"))
+    # every added method is compared with FastV and DeCo at its rate
+    pairs = comparison_pairs(runs)
+    assert ("random-keep6.7", "fastv-keep6.7") in pairs and ("dart-keep6.7", "deco-keep6.7") in pairs
+    for bad in (("deco",), ("nope",), ("fastv", "fastv"), ()):
+        with pytest.raises(ValueError, match="methods must be distinct registered methods run without a checkpoint"):
+            DemoConfig(methods=bad)

@@ -18,6 +18,11 @@ from transformers import masking_utils
 from divico.grids import VisualGrid, VisualLayout, item_offsets, pool_grid_rows, square_grid
 
 
+#: Capability of an adapter that implements :meth:`ModelAdapter.register_attention_pooling` (the vision tower's
+#: attention statistics, VisionZip).
+VISION_ATTENTION = "vision_attention"
+
+
 class MethodWrapHandle:
     """Undo handle for :func:`wrap_method` (same ``remove()`` interface as torch hook handles)."""
 
@@ -45,12 +50,81 @@ def wrap_method(owner: Any, name: str, post: Callable[[Any, tuple, dict], Any]) 
     return MethodWrapHandle(owner, name)
 
 
+def wrap_method_call(owner: Any, name: str, call: Callable[..., Any]) -> MethodWrapHandle:
+    """Route ``owner.name(*args, **kwargs)`` through ``call(original, *args, **kwargs)``.
+
+    For hooks that must change a method's arguments, not only its result (e.g. Qwen3-VL's DeepStack addition,
+    whose visual-position mask must match the compressed sequence). ``remove()`` restores the method.
+    """
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return call(original, *args, **kwargs)
+
+    owner.__dict__[name] = wrapped
+    return MethodWrapHandle(owner, name)
+
+
+class FlattenedHeadsHook:
+    """A per-head module (output (B, N, H, head_dim), e.g. a q/k RMSNorm) as the scorer's hook target.
+
+    Forward hooks registered here see the output flattened to (B, N, H * head_dim), the layout of a q/k
+    projection, so :meth:`ModelAdapter.query_key_modules` can return the norms of models that normalise q and k per
+    head. The hooks must not replace the output (the scorer's only read it).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def register_forward_hook(self, hook: Callable[[nn.Module, tuple, torch.Tensor], None]) -> Any:
+        def flattened(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            hook(module, inputs, output.flatten(-2))
+
+        return self.module.register_forward_hook(flattened)
+
+
 @dataclass(frozen=True)
 class AttentionLayout:
     num_heads: int
     num_kv_heads: int
     head_dim: int
     scaling: float
+
+
+@dataclass
+class VisionAttentionStats:
+    """The vision tower's attention in the layer whose output the projector reads, for n grid rows (images / frames).
+
+    Rows and token order match the ``(n, h, w, d)`` cells the pooling callable of
+    :meth:`ModelAdapter.register_attention_pooling` receives (P = h * w).
+
+    Attributes
+    ----------
+    dominance
+        (n, P) float32: the [CLS] token's attention to each token, mean over heads (towers with a [CLS] token), else
+        the mean attention each token receives from the tokens of its image / frame, mean over heads.
+    keys
+        (n, P, head_dim) float32: the layer's keys, mean over heads.
+    cls
+        (n, d) the [CLS] token's output of that layer, when the tower has one that is not already an LLM token of the
+        item (a prefix of its grid); else None.
+    has_cls
+        The tower has a [CLS] token (either as ``cls`` or as the item's prefix token).
+    """
+
+    dominance: torch.Tensor
+    keys: torch.Tensor
+    cls: torch.Tensor | None
+    has_cls: bool
+
+
+def gather_cells(select: Callable[[torch.Tensor], torch.Tensor], cells: torch.Tensor) -> torch.Tensor:
+    """The cells ``select`` picks of each of n grids: (n, h, w, d) -> (n, 1, k, d), in the order of its indices."""
+    count, height, width, dim = cells.shape
+    index = select(cells)
+    flat = cells.reshape(count, height * width, dim)
+    return flat.gather(1, index.unsqueeze(-1).expand(-1, -1, dim)).reshape(count, 1, index.shape[1], dim)
 
 
 class ModelAdapter:
@@ -61,6 +135,9 @@ class ModelAdapter:
     """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
+    #: What this family provides beyond the engine's basics, checked against a method's
+    #: ``required_capabilities`` before it is attached (:data:`VISION_ATTENTION`: :meth:`register_attention_pooling`).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -290,6 +367,66 @@ class ModelAdapter:
             return (pool_grid_rows(args[0], grid, pool),) + tuple(args[1:])
 
         return [self.projector().register_forward_pre_hook(pre_hook)]
+
+    def register_projected_pooling(self, pool: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+        """Like :meth:`register_feature_pooling`, on the projector's *output* (LLM-width tokens) instead of its input.
+
+        For input-level methods that select by the projected tokens (DivPrune). The default forward hook on
+        :meth:`projector` pools its (num_images, tokens, d) output laid out as :meth:`image_grid`.
+
+        Parameters
+        ----------
+        pool
+            (n, h, w, d) -> (n, h', w', d).
+
+        Returns
+        -------
+        list
+            Handles with ``remove()``.
+        """
+        grid = self.image_grid()
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return pool_grid_rows(output, grid, pool)
+
+        return [self.projector().register_forward_hook(hook)]
+
+    def register_projected_selection(self, select: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+        """Keep, of every item's projected grid (each temporal slice), the tokens ``select`` picks (DivPrune).
+
+        The default gathers them through :meth:`register_projected_pooling` as a (1 x k) row per slice, so positions
+        are assigned as for pooling (contiguous on 1-D RoPE models). A family may override it to give the kept
+        tokens their original positions (Qwen2-VL's mRoPE).
+
+        Parameters
+        ----------
+        select
+            (n, h, w, d) -> (n, k) long: indices of the kept cells of each grid (row-major), ascending.
+
+        Returns
+        -------
+        list
+            Handles with ``remove()``.
+        """
+        return self.register_projected_pooling(functools.partial(gather_cells, select))
+
+    def register_attention_pooling(
+        self, pool: Callable[[torch.Tensor, VisionAttentionStats], torch.Tensor]
+    ) -> list[Any]:
+        """Like :meth:`register_feature_pooling`, with the vision tower's attention statistics (VisionZip).
+
+        Captures the query/key projections of the vision layer the projector reads (so the tower may run SDPA) and
+        calls ``pool(cells, stats)`` on the vision features before the projector, (n, h, w, d) -> (n, h', w', d).
+        Families that support it override this; the default refuses.
+
+        Returns
+        -------
+        list
+            Handles with ``remove()``.
+        """
+        raise TypeError(
+            f"{type(self).__name__} does not expose its vision tower's attention (register_attention_pooling)."
+        )
 
     def input_level_positions(
         self,

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from divico.adapters.base import ModelAdapter
+from divico.adapters.base import VISION_ATTENTION, ModelAdapter, VisionAttentionStats
+from divico.adapters.llava import ClsTowerCapture, register_cls_attention_pooling
 from divico.grids import VisualGrid, VisualLayout, pool_grid_rows
 from divico.registry import register_adapter
 
@@ -24,6 +25,7 @@ class VideoLlavaAdapter(ModelAdapter):
     """`VideoLlavaForConditionalGeneration`: ``image_token_id`` and ``video_token_id`` placeholders."""
 
     model_classes = ("VideoLlavaForConditionalGeneration",)
+    capabilities = frozenset({VISION_ATTENTION})
 
     def text_model(self) -> nn.Module:
         return self.model.model.language_model
@@ -81,3 +83,26 @@ class VideoLlavaAdapter(ModelAdapter):
             return (pool_grid_rows(features, grids[features.shape[1]], pool),) + tuple(args[1:])
 
         return [self.projector().register_forward_pre_hook(pre_hook)]
+
+    def register_projected_pooling(self, pool: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+        """Pool every image's and every frame's projected patch grid (a frame keeps its CLS), after the projector."""
+        grids = {grid.size: grid for grid in (self.frame_grid(), self.image_grid())}
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if output.dim() != 3 or output.shape[1] not in grids:
+                raise ValueError(
+                    f"Video-LLaVA projector output {tuple(output.shape)} matches neither an image nor a frame "
+                    f"({sorted(grids)} tokens)."
+                )
+            return pool_grid_rows(output, grids[output.shape[1]], pool)
+
+        return [self.projector().register_forward_hook(hook)]
+
+    def register_attention_pooling(
+        self, pool: Callable[[torch.Tensor, VisionAttentionStats], torch.Tensor]
+    ) -> list[Any]:
+        """The [CLS] attention of the image or video tower (whichever ran last), captured from its q/k."""
+        inner, layer = self.model.model, self.model.config.vision_feature_layer
+        captures = [ClsTowerCapture(inner.image_tower, layer), ClsTowerCapture(inner.video_tower, layer)]
+        grids = {grid.size: grid for grid in (self.frame_grid(), self.image_grid())}
+        return register_cls_attention_pooling(captures, self.projector(), grids, pool)

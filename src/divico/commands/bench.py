@@ -73,7 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", required=True,
-                        help="preset (llava-1.5-7b, llava-1.5-13b, tiny-llava: random weights), directory or hub id")
+                        help=f"preset ({', '.join(presets.preset_names())}: random weights of the real shapes), "
+                        "directory or hub id")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N decoder layers; figures are also extrapolated to full depth")
     parser.add_argument("--methods", type=_method_list, default=list(method_choices()),
@@ -355,7 +356,8 @@ def _summarise_timing(row: dict[str, Any], ctx: _Context) -> None:
     # Sum of per-layer medians: less sensitive than the total to stalls on a shared machine.
     row["llm_layers_s"] = sum(per_layer)
     config = _compression(row)
-    first_short = 0 if config is None else get_method_class(config.method)(config).first_compressed_layer
+    first_short = (0 if config is None
+                   else get_method_class(config.method)(config).compression_layers(len(ctx.decoder_layers))[0])
     per_short_layer = _median(per_layer[first_short:] or per_layer)
     row["llm_prefill_full_depth_s"] = (llm_only.median
                                        + (ctx.full_depth - len(ctx.decoder_layers)) * per_short_layer)

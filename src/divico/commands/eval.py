@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 from divico.cli_options import (
     add_inference_compression_arguments,
     add_model_arguments,
+    add_noise_arguments,
     configuration_from_args,
+    noise_from_args,
     resolve_device,
     resolve_dtype,
 )
@@ -52,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_model_arguments(parser)
     add_inference_compression_arguments(parser)
+    add_noise_arguments(parser)
     parser.add_argument("--benchmark", nargs="+", required=True, choices=available_benchmarks(), metavar="NAME",
                         help=f"benchmarks to run: {', '.join(available_benchmarks())}")
     parser.add_argument("--data-root", type=Path, required=True, metavar="DIR",
@@ -103,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--compare lists the configurations itself; drop --method / --compressor.")
         configurations = ([EvalConfiguration.parse(spec, default_layer=args.layer) for spec in args.compare]
                           if args.compare is not None else [configuration_from_args(args, default_keep_ratio=PAPER_KEEP_RATIO)])
+        noise = noise_from_args(args)
+        configurations = [dataclasses.replace(c, noise=noise) for c in configurations]
         splits = parse_splits(args.split, args.benchmark)
         benchmarks: list[Benchmark] = [get_benchmark(name)(args.data_root, split=splits.get(name))
                                        for name in args.benchmark]

@@ -357,7 +357,8 @@ def count_flops(
         projected_tokens = visual
     else:
         name = compressor.name
-        compress_at = compressor.first_compressed_layer
+        # A layer schedule (PyramidDrop) is scaled to the depth: its first boundary is where compression starts.
+        compress_at = compressor.compression_layers(depth)[0]
         if compressor.level == "layer" and compress_at >= depth:
             raise ValueError(f"layer must be in [1, {depth - 1}] for a {depth}-layer LLM, got {compress_at!r}")
         kept = compressor.kept_visual_tokens(prompt.images, prompt.visual_tokens_per_image)

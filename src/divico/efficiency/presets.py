@@ -7,6 +7,19 @@ hidden 4096/5120, heads 32/40, MLP 11008/13824, 32/40 layers). Their text vocabu
 the ``-hf`` checkpoints, so that the ``<image>`` id 32000 is a valid embedding row; the original
 vocabulary of 32000 changes the LM head's FLOPs by 0.2%.
 
+The newer presets (``llava-onevision-7b``, ``qwen2.5-vl-7b``, ``qwen3-vl-8b``, ``internvl3-8b``, ``gemma-3-4b``,
+``gemma-3-12b``, ``smolvlm2-2.2b``) are the same LLaVA construction shaped like those models, from their public
+``config.json`` (the hub repository is named in each preset's ``source``): the language model exactly (hidden size,
+MLP width, depth, query / KV heads, head dim, vocabulary, tied embeddings, q/k/v biases) and a vision tower of the
+real encoder's width, depth and heads (a CLIP layer stands in for SigLIP / InternViT / the Qwen ViT; Qwen2.5-VL's
+SwiGLU MLP of width m is a plain MLP of width 1.5 m, the same weights). Their parameter counts are within 2% of the
+published sizes (``published_parameters_b``; checked in tests/test_presets.py). What they do *not* reproduce:
+the model-specific layers that do not change the LLM's cost (Gemma 3's sliding-window layers and soft-capping,
+Qwen3's q/k norms and DeepStack mergers, the real projectors, 1-3% of the weights) and the vision tower's cost per
+visual token: one preset image of ``image_size / patch_size`` squared patches gives as many LLM tokens as one real
+image (or tile) gives after that model's own pixel shuffle / patch merge / pooling, so the real tower sees 4x
+(InternVL, Qwen), 9x (SmolVLM) or 16x (Gemma 3) more patches per visual token than the preset's.
+
 Truncation: ``layers=N`` keeps the first N decoder layers. Every decoder layer of these models has the
 same shape, so a full-depth figure is extrapolated per layer: ``full = measured + (L - N) x (the
 measured cost of one layer at the compressed length)`` (see :func:`extrapolate_layers`). For FLOPs the
@@ -60,6 +73,10 @@ class Preset:
         Keyword arguments of ``transformers.LlamaConfig``.
     llava : dict
         Extra keyword arguments of ``transformers.LlavaConfig``.
+    source : str
+        Where the shapes come from (hub repositories of the real model's ``config.json``), or "".
+    published_parameters_b : float or None
+        The real model's published parameter count in billions (its model card), for the shape check.
     """
 
     name: str
@@ -67,6 +84,8 @@ class Preset:
     vision: dict[str, Any] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict)
     llava: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    published_parameters_b: float | None = None
 
 
 _CLIP_L14_336: dict[str, Any] = dict(
@@ -104,6 +123,8 @@ PRESETS: dict[str, Preset] = {
             rms_norm_eps=1e-5,
         ),
         llava=_LLAVA_15,
+        source="llava-hf/llava-1.5-7b-hf",
+        published_parameters_b=7.06,
     ),
     "llava-1.5-13b": Preset(
         name="llava-1.5-13b",
@@ -120,6 +141,8 @@ PRESETS: dict[str, Preset] = {
             rms_norm_eps=1e-5,
         ),
         llava=_LLAVA_15,
+        source="llava-hf/llava-1.5-13b-hf",
+        published_parameters_b=13.4,
     ),
     "tiny-llava": Preset(
         name="tiny-llava",
@@ -146,6 +169,110 @@ PRESETS: dict[str, Preset] = {
         llava=dict(_LLAVA_15, image_token_id=300),
     ),
 }
+
+
+def _vision(hidden: int, mlp: int, layers: int, heads: int, tokens_side: int, act: str) -> dict[str, Any]:
+    """CLIP-layer kwargs of a vision tower; ``tokens_side`` x ``tokens_side`` patches = LLM tokens of one image."""
+    return dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                image_size=tokens_side * 14, patch_size=14, projection_dim=hidden, hidden_act=act,
+                layer_norm_eps=1e-6)
+
+
+def _text(hidden: int, mlp: int, layers: int, heads: int, kv_heads: int, vocab: int, head_dim: int | None = None,
+          tied: bool = False, bias: bool = False, act: str = "silu", max_positions: int = 32768) -> dict[str, Any]:
+    """LlamaConfig kwargs of a language model (``bias``: q/k/v projection biases, as Qwen2 / Qwen2.5)."""
+    kwargs = dict(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, vocab_size=vocab, tie_word_embeddings=tied, attention_bias=bias,
+                  hidden_act=act, max_position_embeddings=max_positions, rms_norm_eps=1e-6)
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    return kwargs
+
+
+def _llava_style(image_token_id: int) -> dict[str, Any]:
+    # Last layer, CLS dropped: one image = its patch grid (SigLIP-style towers have no CLS token).
+    return dict(image_token_id=image_token_id, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                projector_hidden_act="gelu")
+
+
+# Sizes from each model's public config.json (hub repository in `source`); parameter counts from the model cards.
+# Qwen2-7B / Qwen2.5-7B: hidden 3584, MLP 18944, 28 layers, 28 / 4 heads, vocab 152064 (InternVL3: 151674), q/k/v
+# biases. SigLIP-so400m: 1152 wide, MLP 4304, 27 layers, 16 heads. Qwen2.5-VL ViT: 1280 wide, SwiGLU 3420, 32 layers.
+# InternViT-300M: 1024 wide, MLP 4096, 24 layers, 16 heads. Qwen3-8B: hidden 4096, MLP 12288, 36 layers, 32 / 8
+# heads, head dim 128, vocab 151936. Gemma 3 4B / 12B: hidden 2560 / 3840, MLP 10240 / 15360, 34 / 48 layers,
+# 8 / 4 and 16 / 8 heads, head dim 256, vocab 262208, tied. SmolLM2-1.7B in SmolVLM2: hidden 2048, MLP 8192,
+# 24 layers, 32 / 32 heads, vocab 49280.
+_QWEN2_7B = dict(hidden=3584, mlp=18944, layers=28, heads=28, kv_heads=4, bias=True)
+_SIGLIP_SO400M = dict(hidden=1152, mlp=4304, layers=27, heads=16, act="gelu_pytorch_tanh")
+
+PRESETS.update({
+    "llava-onevision-7b": Preset(
+        name="llava-onevision-7b",
+        description="LLaVA-OneVision-7B shapes: SigLIP-so400m (729 tokens per 384 px image) + Qwen2-7B (28 layers)",
+        vision=_vision(**_SIGLIP_SO400M, tokens_side=27),
+        text=_text(**_QWEN2_7B, vocab=152064),
+        llava=_llava_style(151646),
+        source="llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        published_parameters_b=8.03,
+    ),
+    "qwen2.5-vl-7b": Preset(
+        name="qwen2.5-vl-7b",
+        description="Qwen2.5-VL-7B shapes: 32-layer ViT (one image: 32 x 32 merged tokens) + Qwen2.5-7B (28 layers)",
+        vision=_vision(hidden=1280, mlp=3420 * 3 // 2, layers=32, heads=16, tokens_side=32, act="silu"),
+        text=_text(**_QWEN2_7B, vocab=152064, max_positions=128000),
+        llava=_llava_style(151655),
+        source="Qwen/Qwen2.5-VL-7B-Instruct",
+        published_parameters_b=8.29,
+    ),
+    "qwen3-vl-8b": Preset(
+        name="qwen3-vl-8b",
+        description="Qwen3-VL-8B shapes: 27-layer SigLIP-2-style ViT (32 x 32 merged tokens) + Qwen3-8B (36 layers)",
+        vision=_vision(**_SIGLIP_SO400M, tokens_side=32),
+        text=_text(hidden=4096, mlp=12288, layers=36, heads=32, kv_heads=8, head_dim=128, vocab=151936,
+                   max_positions=262144),
+        llava=_llava_style(151655),
+        source="Qwen/Qwen3-VL-8B-Instruct",
+        published_parameters_b=8.77,
+    ),
+    "internvl3-8b": Preset(
+        name="internvl3-8b",
+        description="InternVL3-8B shapes: InternViT-300M (256 tokens per 448 px tile) + Qwen2.5-7B (28 layers)",
+        vision=_vision(hidden=1024, mlp=4096, layers=24, heads=16, tokens_side=16, act="gelu"),
+        text=_text(**_QWEN2_7B, vocab=151674),
+        llava=_llava_style(151667),
+        source="OpenGVLab/InternVL3-8B-hf",
+        published_parameters_b=7.94,
+    ),
+    "gemma-3-4b": Preset(
+        name="gemma-3-4b",
+        description="Gemma-3-4B shapes: SigLIP-so400m (256 tokens per 896 px image) + Gemma 3 4B (34 layers)",
+        vision=_vision(**_SIGLIP_SO400M, tokens_side=16),
+        text=_text(hidden=2560, mlp=10240, layers=34, heads=8, kv_heads=4, head_dim=256, vocab=262208, tied=True,
+                   act="gelu_pytorch_tanh", max_positions=131072),
+        llava=_llava_style(262144),
+        source="google/gemma-3-4b-it",
+        published_parameters_b=4.30,
+    ),
+    "gemma-3-12b": Preset(
+        name="gemma-3-12b",
+        description="Gemma-3-12B shapes: SigLIP-so400m (256 tokens per 896 px image) + Gemma 3 12B (48 layers)",
+        vision=_vision(**_SIGLIP_SO400M, tokens_side=16),
+        text=_text(hidden=3840, mlp=15360, layers=48, heads=16, kv_heads=8, head_dim=256, vocab=262208, tied=True,
+                   act="gelu_pytorch_tanh", max_positions=131072),
+        llava=_llava_style(262144),
+        source="google/gemma-3-12b-it",
+        published_parameters_b=12.2,
+    ),
+    "smolvlm2-2.2b": Preset(
+        name="smolvlm2-2.2b",
+        description="SmolVLM2-2.2B shapes: SigLIP-so400m (81 tokens per 384 px tile) + SmolLM2-1.7B (24 layers)",
+        vision=_vision(**_SIGLIP_SO400M, tokens_side=9),
+        text=_text(hidden=2048, mlp=8192, layers=24, heads=32, kv_heads=32, vocab=49280, max_positions=8192),
+        llava=_llava_style(49190),
+        source="HuggingFaceTB/SmolVLM2-2.2B-Instruct",
+        published_parameters_b=2.25,
+    ),
+})
 
 
 def preset_names() -> list[str]:

@@ -48,7 +48,8 @@ from divico.config import CompressionConfig
 from divico.evaluation.benchmark import Benchmark, Sample
 from divico.evaluation.generation import GenerationTimings, generate_batch
 from divico.lora import has_lora, unload_lora
-from divico.registry import available_methods
+from divico.perturbation import NoiseConfig, add_noise
+from divico.registry import available_methods, get_adapter, get_method_class
 from divico.video import read_video_frames
 
 __all__ = [
@@ -392,11 +393,15 @@ class EvalConfiguration:
     compressor
         A trained compressor folder loaded with :func:`divico.load_compressor` (after ``compression``, if given,
         so its rate and layer apply).
+    noise
+        A perturbation of the visual input (:mod:`divico.perturbation`, Table II), or None: the clean input.
+        Recorded in ``run_config.json``, so a resumed run with other noise is refused.
     """
 
     name: str
     compression: CompressionConfig | None = None
     compressor: Path | None = None
+    noise: NoiseConfig | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -404,7 +409,8 @@ class EvalConfiguration:
 
     def describe(self) -> dict[str, Any]:
         """JSON facts for ``run_config.json``."""
-        return {"configuration": self.name, "compressor": None if self.compressor is None else str(self.compressor)}
+        return {"configuration": self.name, "compressor": None if self.compressor is None else str(self.compressor),
+                "noise": None if self.noise is None else self.noise.to_dict()}
 
     @classmethod
     def parse(cls, spec: str, *, default_layer: int = 2) -> EvalConfiguration:
@@ -475,9 +481,21 @@ def _parse_keep(text: str, spec: str) -> tuple[float | None, int | None]:
                          f"in configuration {spec!r}, got {text!r}.") from None
 
 
+def own_trained_modules(model: torch.nn.Module, configuration: EvalConfiguration) -> dict[str, torch.nn.Module]:
+    """Modules of the model itself (not added by divico) whose weights the configuration's compressor overwrites
+    when it is loaded (DeCo's projector), by name; empty without a compressor."""
+    if configuration.compressor is None:
+        return {}
+    config = configuration.compression or saved_compression_config(configuration.compressor)
+    # Without a compressor module, trainable_modules lists only modules that belong to the model.
+    return get_method_class(config.method)(config).trainable_modules(get_adapter(unwrap_model(model)), None)
+
+
 @contextmanager
 def configured(model: torch.nn.Module, configuration: EvalConfiguration) -> Iterator[torch.nn.Module]:
-    """``model`` set up as ``configuration`` for a ``with`` block, restored (no compression, no LoRA) after it.
+    """``model`` set up as ``configuration`` for a ``with`` block (its noise included), restored after it: no
+    compression, no LoRA, no noise, and the weights of its own modules that a loaded compressor overwrote (DeCo's
+    projector) back, so the next configuration of a comparison starts from the stock model.
 
     Raises
     ------
@@ -486,6 +504,10 @@ def configured(model: torch.nn.Module, configuration: EvalConfiguration) -> Iter
     """
     if get_runtime(model) is not None or has_lora(model):
         raise ValueError("compare mode needs the stock model: remove its compression / LoRA first.")
+    noise_hooks = None
+    own_modules = own_trained_modules(model, configuration)
+    own_weights = {name: {key: value.detach().clone() for key, value in module.state_dict().items()}
+                   for name, module in own_modules.items()}
     try:
         compression, compressor = configuration.compression, configuration.compressor
         if compression is not None and compressor is not None:
@@ -498,12 +520,18 @@ def configured(model: torch.nn.Module, configuration: EvalConfiguration) -> Iter
             apply_compression(model, compression)
         elif compressor is not None:
             load_compressor(model, compressor)
+        if configuration.noise is not None:
+            noise_hooks = add_noise(model, configuration.noise)
         model.eval()
         yield model
     finally:
+        if noise_hooks is not None:
+            noise_hooks.remove()
         remove_compression(model)
         if has_lora(model):
             unload_lora(model)
+        for name, module in own_modules.items():
+            module.load_state_dict(own_weights[name])
 
 
 def compare_configurations(

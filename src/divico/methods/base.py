@@ -9,6 +9,7 @@ bench``, ``train`` and the demo read these through the registry and never switch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -40,6 +41,51 @@ class TextShape:
     head_dim: int
 
 
+@dataclass(frozen=True)
+class SelectionInputs:
+    """What the engine hands :meth:`CompressionMethod.select` beyond scores, for methods with ``needs_states``.
+
+    Passed as ``select(scores, visual, groups, states=SelectionInputs(...))``; methods without ``needs_states`` are
+    called without it.
+
+    Attributes
+    ----------
+    hidden_states
+        (B, N, d) input of the compressing layer (layer K's input, i.e. layer K-1's output).
+    normed_hidden_states
+        (B, N, d) the same after the text model's final norm (what DART compares).
+    keys
+        (B, H_kv, N, head_dim) float32 keys of layer K-1 after its RoPE (one head block per KV head: for GQA the
+        query heads share them, as ``repeat_kv`` would repeat them).
+    attention_mask_2d
+        (B, N) long, 1 at real tokens, 0 at left padding.
+    query_positions
+        (B,) long position of the last prompt token of each sample (the one before the answer under teacher
+        forcing, else the last position).
+    input_embeddings
+        (B, N_0, d) input of decoder layer 0 for the whole prompt (N_0 = the prompt length, original positions).
+    attention_rows
+        With ``needs_attention_rows``: ``attention_rows(rows, row_valid)`` -> (B, R, N) mean-over-heads attention
+        of the query slots ``rows`` (B, R) long (``row_valid`` (B, R) bool) at the layer before the boundary
+        (:meth:`divico.scoring.LastTokenAttentionScorer.attention_rows_function`); None otherwise.
+    slot_positions
+        (B, N) long original prompt position of each slot of the sequence being selected from (-1 at padding
+        slots added by an earlier stage); at the first boundary ``arange(N)``.
+
+    At a later boundary of a schedule every field describes the sequence that stage selects from (N = its length),
+    except ``input_embeddings``.
+    """
+
+    hidden_states: torch.Tensor
+    normed_hidden_states: torch.Tensor
+    keys: torch.Tensor
+    attention_mask_2d: torch.Tensor
+    query_positions: torch.Tensor
+    input_embeddings: torch.Tensor | None = None
+    attention_rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    slot_positions: torch.Tensor | None = None
+
+
 class CompressionMethod:
     """A visual-token compression method.
 
@@ -59,6 +105,9 @@ class CompressionMethod:
         The engine computes the last prompt token's attention at layer K-1 for :meth:`select`.
     trainable
         ``divico train`` can train it (its modules from :meth:`trainable_modules`, LoRA, or both).
+    needs_states
+        The engine also passes ``states=`` :class:`SelectionInputs` (layer K's input hidden states, normed, and
+        layer K-1's post-RoPE keys) to :meth:`select`; methods without it are called with three arguments.
     """
 
     name: ClassVar[str] = ""
@@ -66,6 +115,15 @@ class CompressionMethod:
     level: ClassVar[Literal["layer", "input"]] = "layer"
     needs_scores: ClassVar[bool] = True
     trainable: ClassVar[bool] = True
+    needs_states: ClassVar[bool] = False
+    #: With ``needs_states``: the engine keeps every query row of the layer before each boundary and passes
+    #: ``states.attention_rows`` (the attention of chosen query rows, SparseVLM's raters).
+    needs_attention_rows: ClassVar[bool] = False
+    #: The method accepts ``CompressionConfig.selector`` (another method's selection; DiViCo's gap encoder on it).
+    takes_selector: ClassVar[bool] = False
+    #: What the model's adapter must provide (:attr:`ModelAdapter.capabilities`, e.g. ``"vision_attention"``); a
+    #: model whose adapter lacks one is refused by ``apply_compression`` with an error naming it.
+    required_capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
@@ -80,6 +138,16 @@ class CompressionMethod:
     def first_compressed_layer(self) -> int:
         """Index of the first decoder layer that sees the compressed sequence (K; 0 for input-level methods)."""
         return self.config.layer if self.level == "layer" else 0
+
+    def compression_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers whose input this method compresses, ascending, for an LLM of ``num_layers`` layers.
+
+        ``[K]`` by default (one stage). A schedule of several (PyramidDrop) makes the engine score, select and
+        shorten at each: :meth:`select` is then called once per boundary on the sequence the stage before kept
+        (scores, visual mask and groups of that sequence), with the keywords ``stage`` (0-based boundary index) and
+        ``original_visual`` ((B, N) visual mask of the prompt).
+        """
+        return [self.first_compressed_layer]
 
     def kept_visual_tokens(self, images: int, tokens_per_image: int) -> int:
         """Visual tokens per sample after compression, for ``images`` images of ``tokens_per_image`` tokens each.
@@ -222,3 +290,11 @@ class InputCompressionMethod(CompressionMethod):
     def pool(self, cells: torch.Tensor) -> torch.Tensor:
         """Compress patch grids (n, h, w, d_vision) -> (n, h', w', d_vision) with (h', w') = :meth:`pooled_size`."""
         raise TypeError(f"{type(self).__name__} must define pool().")
+
+    def register_input_hooks(self, adapter: ModelAdapter) -> list:
+        """Hooks that make the model apply :meth:`pool` to every item before the LLM; handles with ``remove()``.
+
+        The default pools the vision features before the projector (:meth:`ModelAdapter.register_feature_pooling`).
+        A method that needs other inputs (the projected features, the vision tower's attention) overrides this.
+        """
+        return adapter.register_feature_pooling(self.pool)

@@ -8,10 +8,12 @@ import math
 import torch
 from torch import nn
 
+from typing import Any
+
 from divico.adapters.base import ModelAdapter
-from divico.config import KL_REDUCTIONS
+from divico.config import DEFAULT_SELECTOR, KL_REDUCTIONS, CompressionConfig
 from divico.methods.base import CompressionMethod, TextShape
-from divico.registry import register_method
+from divico.registry import get_method_class, register_method
 from divico.selection import TokenSelection
 
 #: g_theta's hidden width when ``CompressionConfig.encoder_hidden_size`` is None: ``min(d, 512)``. On a 7B LLM
@@ -157,21 +159,55 @@ def gaussian_kl(mu: torch.Tensor, log_sigma: torch.Tensor, reduction: str = "sum
 
 @register_method("divico")
 class DiViCo(CompressionMethod):
-    """v_c = v_s + g_theta(concat(v_s, mean(v_r))) for each kept visual token (``encoder="none"``: selection only)."""
+    """v_c = v_s + g_theta(concat(v_s, mean(v_r))) for each kept visual token (``encoder="none"``: selection only).
+
+    The kept set comes from ``config.selector``: ``"attention"`` (the paper's top-k by the last prompt token's
+    attention at layer K-1, :meth:`CompressionMethod.select`) or another registered layer-level method, whose
+    ``select`` DiViCo calls with the engine's arguments (``needs_scores``, ``needs_states`` and
+    ``needs_attention_rows`` are the selector's, so the engine scores only for a selector that reads scores); g_theta
+    then compensates for the tokens that selector removed. The scoring FLOPs are the selector's, plus g_theta's.
+    """
 
     display_name = "DiViCo"
+    takes_selector = True
+
+    def __init__(self, config: CompressionConfig) -> None:
+        super().__init__(config)
+        self.selector: CompressionMethod | None = None
+        if config.selector != DEFAULT_SELECTOR:
+            self.selector = get_method_class(config.selector)(config)
+            # Instance attributes shadow the class defaults: the engine reads them from the instance.
+            self.needs_scores = self.selector.needs_scores  # type: ignore[misc]
+            self.needs_states = self.selector.needs_states  # type: ignore[misc]
+            self.needs_attention_rows = getattr(self.selector, "needs_attention_rows", False)  # type: ignore[misc]
+
+    def kept_visual_tokens(self, images: int, tokens_per_image: int) -> int:
+        """The selector's count (the top-k rule by default)."""
+        if self.selector is None:
+            return super().kept_visual_tokens(images, tokens_per_image)
+        return self.selector.kept_visual_tokens(images, tokens_per_image)
+
+    def select(self, scores: torch.Tensor, visual: torch.Tensor, groups: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """The selector's keep mask (the attention top-k by default); arguments as :meth:`CompressionMethod.select`."""
+        if self.selector is None:
+            return super().select(scores, visual, groups)
+        return self.selector.select(scores, visual, groups, **inputs)
 
     def encoder_width(self, hidden_size: int) -> int:
         """g_theta's hidden width for an LLM of hidden size d: ``encoder_hidden_size``, else ``min(d, 512)``."""
         return self.config.encoder_hidden_size or min(hidden_size, DEFAULT_MAX_ENCODER_WIDTH)
 
     def overhead_flops(self, shape: TextShape, seq_len: int, kept_visual: int) -> dict[str, int]:
-        """Scoring, plus g_theta on the kept tokens and the mean of the removed ones.
+        """The selector's overhead (the engine's scoring for ``"attention"``), plus g_theta on the kept tokens and
+        the mean of the removed ones.
 
         g_theta: (2d -> h) and (h -> 2d, or d for the deterministic encoder) on each of the k kept tokens. The mean
         of the removed tokens is one (1, N) x (N, d) product per sample over the whole sequence (a 0/1 weight row).
         """
-        flops = super().overhead_flops(shape, seq_len, kept_visual)
+        if self.selector is None:
+            flops = super().overhead_flops(shape, seq_len, kept_visual)
+        else:
+            flops = self.selector.overhead_flops(shape, seq_len, kept_visual)
         if self.config.encoder != "none":
             d, width = shape.hidden_size, self.encoder_width(shape.hidden_size)
             out_features = 2 * d if self.config.encoder == "variational" else d

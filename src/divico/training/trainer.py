@@ -52,6 +52,7 @@ from divico.checkpoint import load_compressor, read_saved_config, save_compresso
 from divico.config import CompressionConfig
 from divico.lora import DEFAULT_LORA_TARGETS, has_lora, inject_lora, lora_target_regex
 from divico.runtime import CompressionRuntime
+from divico.training.callbacks import InformationLevelCallback
 from divico.training.data import IGNORE_INDEX, LeftPaddingCollator, LlavaJsonDataset, pad_token_id_of
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,10 @@ class TrainingConfig:
         ``"auto"`` (TensorBoard when installed, else nothing), ``"none"``, or Trainer integrations by name.
     show_progress
         Show the Trainer's progress bar.
+    log_information_level
+        For methods with a gap encoder (DiViCo): add ``information_level`` (Eq. 16, the disentanglement of the
+        gap vectors g_theta produced since the last log; :class:`divico.training.callbacks.InformationLevelCallback`)
+        to every training-loss log entry.
     """
 
     data_path: str | Path
@@ -191,6 +196,7 @@ class TrainingConfig:
     early_stopping_patience: int | None = None
     early_stopping_threshold: float = 0.0
     save_best: bool = True
+    log_information_level: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.compression, CompressionConfig):
@@ -858,6 +864,9 @@ def train(
         beta=config.beta,
         visual_word_weight=config.visual_word_weight,
     )
+    if config.log_information_level and InformationLevelCallback.applies_to(runtime.compressor):
+        # First in line, so the reporting callbacks (TensorBoard, the progress bar) see the value it adds.
+        trainer.callback_handler.callbacks.insert(0, InformationLevelCallback(runtime.compressor))
     resume_from = last_checkpoint(config) if config.resume else None
     if resume_from is not None:
         print(f"divico train: resuming from {resume_from}")

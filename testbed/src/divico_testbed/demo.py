@@ -38,7 +38,7 @@ import divico
 import numpy as np
 import torch
 from divico.efficiency import PromptShape, count_flops, measure_peak_memory
-from divico.registry import get_method_class
+from divico.registry import available_methods, get_method_class
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
@@ -165,6 +165,9 @@ class DemoConfig:
     ablation
         Also evaluate the ablation runs: variant a (a trained FastV) at every rate, variant b and DiViCo with the
         KL mean at 11.1%.
+    methods
+        Registered methods run without a checkpoint at each rate (default FastV; any registered method but the
+        trained DeCo and DiViCo, which always run from their checkpoints).
     resamples, confidence, seed
         Bootstrap resamples, interval coverage and seed (:mod:`divico_testbed.statistics`).
     """
@@ -179,6 +182,7 @@ class DemoConfig:
     timing_dtype: str = "auto"
     timing_rounds: int = 15
     ablation: bool = False
+    methods: tuple[str, ...] = TRAINING_FREE_METHODS
     benchmarks: tuple[str, ...] = BENCHMARK_ORDER
     show_progress: bool = True
     threads: int | None = None
@@ -203,6 +207,11 @@ class DemoConfig:
             raise ValueError(f"resamples must be >= 1, got {self.resamples}.")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}.")
+        free = [m for m in available_methods() if m not in TRAINED_METHODS]
+        wrong = [m for m in self.methods if m not in free]
+        if wrong or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must be distinct registered methods run without a checkpoint, valid: {free}; "
+                             f"got {list(self.methods)}.")
         unknown = sorted(set(self.benchmarks) - set(BENCHMARK_ORDER))
         if unknown:
             raise ValueError(f"Unknown benchmarks {unknown}; valid: {list(BENCHMARK_ORDER)}.")
@@ -223,10 +232,11 @@ class RunSpec:
         return method_title(self.method) + ("" if self.tag is None else f" @{self.tag}")
 
 
-def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
-    """Baseline (always first: the other runs' fidelity is measured against it), then FastV / DeCo / DiViCo at each
-    shipped rate (and the ablation runs if asked: :data:`EVERY_RATE_VARIANTS` at each rate,
-    :data:`ABLATION_RATE_VARIANTS` at :data:`ABLATION_TAG`)."""
+def demo_runs(assets_dir: Path, ablation: bool = False,
+              methods: Sequence[str] = TRAINING_FREE_METHODS) -> list[RunSpec]:
+    """Baseline (always first: the other runs' fidelity is measured against it), then the training-free
+    ``methods`` (default FastV), DeCo and DiViCo at each shipped rate (and the ablation runs if asked:
+    :data:`EVERY_RATE_VARIANTS` at each rate, :data:`ABLATION_RATE_VARIANTS` at :data:`ABLATION_TAG`)."""
     runs = [RunSpec(UNCOMPRESSED_RUN, UNCOMPRESSED_RUN, None, None)]
 
     def trained(method: str, tag: str) -> RunSpec:
@@ -234,7 +244,7 @@ def demo_runs(assets_dir: Path, ablation: bool = False) -> list[RunSpec]:
         return RunSpec(name, method, tag, PAPER_KEEP_RATIOS[tag], str(assets_dir / "compressors" / name))
 
     for tag, ratio in PAPER_KEEP_RATIOS.items():
-        for method in TRAINING_FREE_METHODS:
+        for method in methods:
             runs.append(RunSpec(f"{method}-{tag}", method, tag, ratio))
         runs.extend(trained(method, tag) for method in TRAINED_METHODS)
         if ablation:
@@ -489,7 +499,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     sizes = {"test": sizes_for_test_groups(config.test_groups)}
     if not benchmark_data_current(data_dir, sizes):
         write_benchmark_splits(data_dir, seed=0, sizes=sizes, show_progress=config.show_progress)
-    specs = demo_runs(assets, config.ablation)
+    specs = demo_runs(assets, config.ablation, config.methods)
     evaluations = evaluate_runs(config, specs, assets, data_dir, out)
     pairs = comparison_pairs(specs)
     intervals, differences = score_statistics(evaluations, pairs, config.benchmarks, config.resamples,
@@ -589,7 +599,9 @@ def format_table1(
         lines.append(row("-", method_title(UNCOMPRESSED_RUN), baseline))
     for tag in _tags(results):
         rows = {r["method"]: r for r in results.values() if r["tag"] == tag}
-        for method in (*BASELINE_METHODS, PROPOSED_METHOD, *ABLATION_VARIANTS):
+        named = (*BASELINE_METHODS, PROPOSED_METHOD, *ABLATION_VARIANTS)
+        others = tuple(m for m in rows if m not in named)  # further training-free methods (--methods), in run order
+        for method in (*BASELINE_METHODS, PROPOSED_METHOD, *others, *ABLATION_VARIANTS):
             if method in rows:
                 lines.append(row(_rate(tag), method_title(method), rows[method]))
         if all(m in rows for m in (*BASELINE_METHODS, PROPOSED_METHOD)):
@@ -673,7 +685,10 @@ def plot_results(results: Mapping[str, Mapping[str, Any]], benchmarks: tuple[str
     baseline = results[UNCOMPRESSED_RUN]
     fig = Figure(figsize=(11, 4.2))  # no pyplot: nothing depends on the GUI backend, nothing is left open
     ax_score, ax_time = fig.subplots(1, 2)
-    for method, marker in zip((*BASELINE_METHODS, PROPOSED_METHOD, TRAINED_FASTV), "osD^", strict=True):
+    plotted = (*BASELINE_METHODS, PROPOSED_METHOD, TRAINED_FASTV)
+    others = list(dict.fromkeys(r["method"] for r in results.values() if r["tag"] and r["method"] not in plotted
+                                and r["method"] not in ABLATION_VARIANTS))
+    for method, marker in zip((*plotted, *others), "osD^vP*Xhp<>" * 2):
         rows = sorted((r for r in results.values() if r["method"] == method), key=lambda r: r["efficiency"]["kept_tokens"])
         if not rows:
             continue

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from divico_testbed.data import DEFAULT_TEST_GROUPS
-from divico_testbed.demo import SCORE_DTYPES, TIMING_DTYPES, DemoConfig, run_demo
+from divico_testbed.demo import SCORE_DTYPES, TIMING_DTYPES, TRAINING_FREE_METHODS, DemoConfig, run_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timing-rounds", "--repeats", dest="timing_rounds", type=int, default=15,
                         help="interleaved timing rounds (default 15; --repeats is its earlier name)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    parser.add_argument("--ablation", action="store_true", help="also evaluate the Fig. 8 variants a and b")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also evaluate the ablation runs: variant a (a trained FastV) at every rate, variant b "
+                        "and DiViCo trained with the KL mean at 11.1%%")
+    parser.add_argument("--methods", nargs="+", default=list(TRAINING_FREE_METHODS), metavar="METHOD",
+                        help="training-free methods run at each rate beside the trained DeCo and DiViCo (default: "
+                        "fastv; e.g. --methods fastv random pooling dart pdrop divprune visionzip)")
     parser.add_argument("--assets", type=Path, default=None, help="trained checkpoints (default: shipped)")
     parser.add_argument("--data", type=Path, default=None, help="mini-benchmark folder (generated if missing)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out, assets_dir=args.assets, data_dir=args.data, limit=None if args.full else args.limit,
             test_groups=args.test_groups, batch_size=args.batch_size, score_dtype=args.score_dtype,
             timing_dtype=args.timing_dtype, timing_rounds=args.timing_rounds, resamples=args.resamples,
-            ablation=args.ablation, show_progress=not args.no_progress, threads=args.threads,
+            ablation=args.ablation, methods=tuple(args.methods), show_progress=not args.no_progress, threads=args.threads,
         )
         run_demo(config)
     except (ValueError, FileNotFoundError) as error:
