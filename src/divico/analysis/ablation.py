@@ -12,7 +12,7 @@ default list is the paper's {2, 7, 19} of LLaVA-13B's 40 layers scaled to the mo
 repeats dropped; e.g. L = 30 gives {2, 5, 14}. Drawn as the paper's radar (each benchmark's score divided by the
 best K's) or as bars of the raw scores (``ksweep.png``, ``ksweep_table.md``, ``ksweep.json``).
 
-Scoring is :func:`divico.analysis.noise.score_configurations` (the evaluation runner; resumable) on registered
+Scoring is :func:`divico.evaluation.runner.score_configurations` (the evaluation runner; resumable) on registered
 benchmarks (``--data-root``) or mini-benchmark records (``--records``).
 """
 
@@ -39,11 +39,10 @@ from divico.analysis.noise import (
     headline_scores,
     question_counts,
     runner_limit,
-    score_configurations,
 )
 from divico.config import CompressionConfig
 from divico.evaluation.benchmark import Benchmark
-from divico.evaluation.runner import EvalConfiguration
+from divico.evaluation.runner import EvalConfiguration, score_configurations
 from divico.registry import get_adapter
 from divico.training import TrainingConfig, train
 

@@ -16,7 +16,7 @@ The relative drop of a score ``s`` to ``s'`` under noise is ``100 * (s - s') / |
 fell), as Table II's arrows.
 
 This module also holds what the score-based analyses share: :class:`RecordsBenchmark`, :func:`benchmarks_from_args`,
-:func:`score_configurations` and :func:`headline_scores`.
+:func:`divico.evaluation.runner.score_configurations` and :func:`headline_scores`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from divico.evaluation.benchmark import (
     get_benchmark,
     read_jsonl,
 )
-from divico.evaluation.runner import EvalConfiguration, configured, evaluate_benchmark
+from divico.evaluation.runner import EvalConfiguration, score_configurations
 from divico.metrics import BENCHMARK_NAMES, score_benchmark
 from divico.perturbation import NOISE_KINDS, NoiseConfig
 
@@ -57,7 +57,6 @@ __all__ = [
     "noise_robustness",
     "plot_noise_drops",
     "relative_drop",
-    "score_configurations",
 ]
 
 TABLE_NAME = "noise_table.md"
@@ -196,52 +195,6 @@ def benchmarks_from_args(args: argparse.Namespace) -> list[Benchmark]:
 def runner_limit(args: argparse.Namespace) -> int | None:
     """The runner's ``limit`` (records benchmarks limit by scoring groups themselves)."""
     return None if getattr(args, "records", None) is not None else args.limit
-
-
-def score_configurations(
-    model: nn.Module,
-    processor: Any,
-    configurations: Sequence[EvalConfiguration],
-    benchmarks: Sequence[Benchmark],
-    out_dir: str | Path,
-    **options: Any,
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Evaluate every configuration (its noise included) on every benchmark with one loaded model, into
-    ``out_dir/<configuration>/<benchmark>/``; a model's own trained modules (DeCo's projector) are restored after each.
-
-    Parameters
-    ----------
-    model, processor
-        The stock model and its processor.
-    configurations
-        Names unique.
-    benchmarks
-        Benchmark instances.
-    out_dir
-        The runner's output root.
-    **options
-        Passed to :func:`divico.evaluation.runner.evaluate_benchmark` (``run_info`` is extended by each
-        configuration's facts).
-
-    Returns
-    -------
-    dict
-        ``configuration name -> benchmark name -> evaluate_benchmark result``.
-    """
-    names = [c.name for c in configurations]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"Configuration names must be unique, {repeated} repeat.")
-    run_info = dict(options.pop("run_info", None) or {})
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for configuration in configurations:
-        with configured(model, configuration):
-            results[configuration.name] = {
-                benchmark.name: evaluate_benchmark(model, processor, benchmark, Path(out_dir) / configuration.name,
-                                                   run_info={**run_info, **configuration.describe()}, **options)
-                for benchmark in benchmarks
-            }
-    return results
 
 
 def headline_scores(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, float | None]]:

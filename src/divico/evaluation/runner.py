@@ -534,6 +534,35 @@ def configured(model: torch.nn.Module, configuration: EvalConfiguration) -> Iter
             module.load_state_dict(own_weights[name])
 
 
+def score_configurations(
+    model: torch.nn.Module,
+    processor: Any,
+    configurations: Sequence[EvalConfiguration],
+    benchmarks: Sequence[Benchmark],
+    out_dir: str | Path,
+    **options: Any,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Evaluate every configuration (its noise included) on every benchmark with one loaded model, into
+    ``OUT/<configuration>/<benchmark>/``, each configuration set up by :func:`configured` and undone after it.
+
+    Parameters and the returned dict are those of :func:`compare_configurations`, which adds the table.
+    """
+    names = [c.name for c in configurations]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Configuration names must be unique, {duplicates} repeat; name them with LABEL=SPEC.")
+    run_info = dict(options.pop("run_info", None) or {})
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for configuration in configurations:
+        with configured(model, configuration):
+            results[configuration.name] = {
+                benchmark.name: evaluate_benchmark(model, processor, benchmark, Path(out_dir) / configuration.name,
+                                                   run_info={**run_info, **configuration.describe()}, **options)
+                for benchmark in benchmarks
+            }
+    return results
+
+
 def compare_configurations(
     model: torch.nn.Module,
     processor: Any,
@@ -563,19 +592,7 @@ def compare_configurations(
     dict
         ``configuration name -> benchmark name -> evaluate_benchmark result``.
     """
-    names = [c.name for c in configurations]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"Configuration names must be unique, {duplicates} repeat; name them with LABEL=SPEC.")
-    run_info = dict(options.pop("run_info", None) or {})
-    results: dict[str, dict[str, dict[str, Any]]] = {}
-    for configuration in configurations:
-        with configured(model, configuration):
-            results[configuration.name] = {
-                benchmark.name: evaluate_benchmark(model, processor, benchmark, Path(out_dir) / configuration.name,
-                                                   run_info={**run_info, **configuration.describe()}, **options)
-                for benchmark in benchmarks
-            }
+    results = score_configurations(model, processor, configurations, benchmarks, out_dir, **options)
     if process_state().is_main_process:
         table = format_comparison_table(results, [b.name for b in benchmarks])
         (Path(out_dir) / TABLE_NAME).write_text(table + "\n")
