@@ -219,8 +219,37 @@ def test_generate_until_respects_until_and_max_new_tokens(saved: dict[str, Path]
     stop = next(word for word in long[doc].split() if word != long[doc].split()[0])
     cut = lm.generate_until(requests_for(QUESTIONS, {"max_new_tokens": 4, "until": ["\n\n", stop]}))[doc]
     assert cut and stop not in cut and long[doc].startswith(cut) and long[doc][len(cut):].startswith(stop)
-    with pytest.raises(NotImplementedError, match="multi-round"):
-        lm.generate_until_multi_round([])
+
+
+def test_generate_until_multi_round_feeds_each_round_the_earlier_answers(saved: dict[str, Path]) -> None:
+    """lmms-eval's multi-round protocol: round 0 answers the context; each later round's context and visuals come
+    from doc_to_text(previous_output=...), until it signals the end. Every round equals a single greedy answer."""
+    lm = DivicoLMM(pretrained=str(saved["model"]), batch_size="1")
+    lm.task_dict = {"t": {"test": [{"color": color} for color in COLORS]}}
+    seen: list[list[str]] = []
+
+    def doc_to_visual(doc: dict[str, Any]) -> list[Any]:
+        return [square_image(doc["color"])]
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        seen.append(list(previous_output))
+        other = COLORS[(COLORS.index(doc["color"]) + 1) % len(COLORS)]
+        return [square_image(other)], QUESTIONS[1], round_idx == 2, previous_output, {"other": other}
+
+    requests = [Instance(request_type="generate_until_multi_round",
+                         arguments=(QUESTIONS[0], {"max_new_tokens": 3}, doc_to_visual, doc_to_text, i, "t", "test"),
+                         idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i in range(2)]
+    answers = lm.generate_until_multi_round(requests)
+    model, processor = load_model_and_processor(str(saved["model"]))
+    model.eval()
+    for doc, rounds in enumerate(answers):
+        other = COLORS[(doc + 1) % len(COLORS)]
+        assert rounds == [generate_batch(model, processor, [QUESTIONS[0]], [[square_image(COLORS[doc])]],
+                                         max_new_tokens=3)[0],
+                          generate_batch(model, processor, [QUESTIONS[1]], [[square_image(other)]],
+                                         max_new_tokens=3)[0]]
+    # doc 0: round 1 sees [r0], round 2 sees [r0, r1] (and ends); then doc 1 likewise
+    assert seen == [answers[0][:1], answers[0][:2], answers[1][:1], answers[1][:2]]
 
 
 def test_greedy_settings() -> None:

@@ -23,6 +23,7 @@ This module is loaded only by lmms-eval (it imports lmms-eval at its top); ``imp
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -295,7 +296,11 @@ class DivicoLMM(lmms):
         """(images, video frames or None) of one request's document, from the task's ``doc_to_visual``."""
         if doc_to_visual is None:
             return [], None
-        raw = doc_to_visual(self.task_dict[task][split][doc_id])
+        return self._convert_visuals(doc_to_visual(self.task_dict[task][split][doc_id]), doc_id, task)
+
+    def _convert_visuals(self, raw: Any, doc_id: int, task: str) -> tuple[list[Image.Image], np.ndarray | None]:
+        """(images, video frames or None) from what a task's ``doc_to_visual`` (or a later round's ``doc_to_text``)
+        gave: PIL images, image files and at most one video file."""
         items = [item for item in (raw if isinstance(raw, (list, tuple)) else [raw]) if item is not None]
         images: list[Image.Image] = []
         videos: list[str] = []
@@ -401,11 +406,42 @@ class DivicoLMM(lmms):
             return [GenerationResult(text=pair) for pair in pairs]  # type: ignore[arg-type]
         return pairs
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        raise NotImplementedError(
-            f"--model {MODEL_ID} answers single-round tasks (generate_until, loglikelihood, multiple_choice); "
-            "multi-round generation (output_type generate_until_multi_round) is not implemented."
-        )
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Greedy answers over several rounds per request (lmms-eval's ``generate_until_multi_round``), in request
+        order: per request, the answer of every round.
+
+        ``args`` are ``(context, generation_kwargs, doc_to_visual, doc_to_text, doc_id, task, split)``. Round 0 answers
+        ``context`` about the document's visuals; each later round calls ``doc_to_text(doc, previous_output=answers
+        so far, round_idx=r, previous_round_info=...)``, which returns ``(visuals, context, terminal, answers,
+        round_info)``, until ``terminal`` is true (the protocol of lmms-eval's own multi-round models). Rounds depend
+        on earlier answers, so each request runs on its own (batch 1).
+        """
+        results: list[list[str]] = []
+        progress = tqdm(total=len(requests), disable=self.rank != 0, desc=f"{MODEL_ID} generate_until_multi_round")
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            max_new_tokens, until = greedy_settings(gen_kwargs, self.max_new_tokens)
+            doc = self.task_dict[task][split][doc_id]
+            images, video = self._visuals(doc_to_visual, doc_id, task, split)
+            answers: list[str] = []
+            round_info = None
+            for round_idx in itertools.count():
+                if round_idx > 0:
+                    raw, context, terminal, answers, round_info = doc_to_text(
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=round_info)
+                    answers = list(answers)
+                    if terminal:
+                        break
+                    images, video = self._convert_visuals(raw or [], doc_id, task)
+                self._check_context(context, task, doc_id)
+                output = generate_batch(self._model, self.processor, [context], [images],
+                                        None if video is None else [video], max_new_tokens=max_new_tokens)[0]
+                answers.append(truncate_at_stop(output, until))
+            self.cache_hook.add_partial("generate_until_multi_round", (request.args[0], gen_kwargs), answers)
+            results.append(answers)
+            progress.update(1)
+        progress.close()
+        return results
 
     # --- scoring ------------------------------------------------------------------------------------------------
     @torch.no_grad()
