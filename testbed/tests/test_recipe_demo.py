@@ -24,6 +24,7 @@ from divico_testbed.data import (
 from divico_testbed.demo import (
     RUN_TITLES,
     DemoConfig,
+    RunSpec,
     assets_fingerprint,
     comparison_pairs,
     cpu_supports_native_bf16,
@@ -36,6 +37,8 @@ from divico_testbed.demo import (
     method_title,
     relative_improvement,
     resolve_timing_dtype,
+    run_fingerprint,
+    select_runs,
     timing_summary,
 )
 from divico_testbed.evaluation import best_constant_scores
@@ -181,6 +184,26 @@ def test_demo_results_are_keyed_by_checkpoint_content(tmp_path):
     assert assets_fingerprint(tmp_path) == first
     (tmp_path / "stage2" / "compressor.safetensors").write_bytes(b"weights-2")  # retrained checkpoints
     assert assets_fingerprint(tmp_path) != first
+
+
+def test_retraining_one_compressor_changes_only_that_runs_key(tmp_path):
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "lora.safetensors").write_bytes(b"base-1")
+    for name in ("divico-keep11.1", "deco-keep11.1"):
+        (tmp_path / "compressors" / name).mkdir(parents=True)
+        (tmp_path / "compressors" / name / "compressor.safetensors").write_bytes(b"compressor-1")
+    runs = [RunSpec("baseline", "baseline", None, None),
+            RunSpec("fastv-keep11.1", "fastv", "keep11.1", 1 / 9),
+            *(RunSpec(name, name.split("-")[0], "keep11.1", 1 / 9, str(tmp_path / "compressors" / name))
+              for name in ("divico-keep11.1", "deco-keep11.1"))]
+    before = [run_fingerprint(tmp_path, run) for run in runs]
+    assert before[0] == before[1]  # training-free runs depend on the base only
+    assert before[2] != before[0]
+    (tmp_path / "compressors" / "divico-keep11.1" / "compressor.safetensors").write_bytes(b"compressor-2")
+    after = [run_fingerprint(tmp_path, run) for run in runs]
+    assert [a == b for a, b in zip(before, after)] == [True, True, False, True]
+    (tmp_path / "stage2" / "lora.safetensors").write_bytes(b"base-2")  # a new base invalidates every run
+    assert all(a != b for a, b in zip(after, [run_fingerprint(tmp_path, run) for run in runs]))
 
 
 def test_tables_compute_improvement_and_ratios_by_hand():
@@ -494,3 +517,15 @@ def test_demo_runs_further_training_free_methods_at_every_rate():
     for bad in (("deco",), ("nope",), ("fastv", "fastv"), ()):
         with pytest.raises(ValueError, match="methods must be distinct registered methods run without a checkpoint"):
             DemoConfig(methods=bad)
+
+
+def test_selected_runs_keep_the_baseline_first_and_refuse_unknown_names():
+    runs = demo_runs(ASSETS_DIR, ablation=True)
+    chosen = select_runs(runs, ("divico-keep6.7", "fastv-keep16.7"))
+    assert [spec.name for spec in chosen] == ["baseline", "fastv-keep16.7", "divico-keep6.7"]
+    assert select_runs(runs, None) == runs
+    with pytest.raises(ValueError, match=r"Unknown runs \['divico-keep50'\]; valid with these options: \['baseline'"):
+        select_runs(runs, ("divico-keep50",))
+    for bad in ((), ("fastv-keep6.7", "fastv-keep6.7")):
+        with pytest.raises(ValueError, match="runs must be distinct run names or None"):
+            DemoConfig(runs=bad)

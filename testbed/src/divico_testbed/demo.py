@@ -170,6 +170,11 @@ class DemoConfig:
         trained DeCo and DiViCo, which always run from their checkpoints).
     resamples, confidence, seed
         Bootstrap resamples, interval coverage and seed (:mod:`divico_testbed.statistics`).
+    runs
+        Only these runs (names as in :func:`demo_runs`, e.g. ``"divico-keep11.1"``; the baseline always runs first,
+        as the fidelity reference), or None for all. Several processes with disjoint ``runs`` and the same
+        ``out_dir`` score in parallel once the baseline is answered; a last call with all runs then resumes every
+        answer and writes the complete tables.
     """
 
     out_dir: Path = Path("outputs/demo")
@@ -189,6 +194,7 @@ class DemoConfig:
     resamples: int = 2000
     confidence: float = 0.95
     seed: int = 0
+    runs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -215,6 +221,19 @@ class DemoConfig:
         unknown = sorted(set(self.benchmarks) - set(BENCHMARK_ORDER))
         if unknown:
             raise ValueError(f"Unknown benchmarks {unknown}; valid: {list(BENCHMARK_ORDER)}.")
+        if self.runs is not None and (not self.runs or len(set(self.runs)) != len(self.runs)):
+            raise ValueError(f"runs must be distinct run names or None (all), got {self.runs!r}.")
+
+
+def select_runs(specs: Sequence[RunSpec], names: Sequence[str] | None) -> list[RunSpec]:
+    """The baseline and the runs named in ``names`` (all of ``specs`` for None), in the order of ``specs``."""
+    if names is None:
+        return list(specs)
+    valid = [spec.name for spec in specs]
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise ValueError(f"Unknown runs {unknown}; valid with these options: {valid}.")
+    return [spec for spec in specs if spec.name == UNCOMPRESSED_RUN or spec.name in names]
 
 
 @dataclass
@@ -292,13 +311,26 @@ def _prepare(base: nn.Module, spec: RunSpec, layer: int = 2) -> nn.Module:
     return model.eval()
 
 
-def assets_fingerprint(assets: Path) -> str:
-    """Content hash of a checkpoint folder, so finished demo answers of other checkpoints are not reused."""
+def assets_fingerprint(assets: Path, exclude: Sequence[str] = ()) -> str:
+    """Content hash of a checkpoint folder (without its top-level entries named in ``exclude``), so finished demo
+    answers of other checkpoints are not reused."""
     digest = hashlib.sha256()
     for path in sorted(p for p in assets.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(assets)).encode())
+        relative = path.relative_to(assets)
+        if relative.parts[0] in exclude:
+            continue
+        digest.update(str(relative).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def run_fingerprint(assets: Path, spec: RunSpec) -> str:
+    """What one run's answers depend on: the base model (the assets without ``compressors/``) and, for a trained
+    run, its own checkpoint folder. Retraining one compressor then invalidates only that run's answers."""
+    base = assets_fingerprint(assets, exclude=("compressors",))
+    if spec.checkpoint is None:
+        return base
+    return base + "-" + assets_fingerprint(Path(spec.checkpoint))
 
 
 def predictions_key(config: DemoConfig, assets_digest: str) -> str:
@@ -460,11 +492,11 @@ def evaluate_runs(config: DemoConfig, specs: Sequence[RunSpec], assets: Path, da
     if specs[0].name != UNCOMPRESSED_RUN:
         raise ValueError(f"the first run must be {UNCOMPRESSED_RUN!r} (the fidelity reference), got {specs[0].name!r}")
     base, processor = load_trained_default(assets, dtype=_TORCH_DTYPES[config.score_dtype])
-    key = predictions_key(config, assets_fingerprint(assets))
     evaluations: dict[str, EvaluationResult] = {}
     for spec in specs:
         uncompressed = spec.name == UNCOMPRESSED_RUN
         model = _prepare(base, spec)
+        key = predictions_key(config, run_fingerprint(assets, spec))
         tic = time.perf_counter()
         evaluation = evaluate_benchmarks(
             model, processor, data_dir, config.benchmarks, split="test", limit=config.limit,
@@ -499,7 +531,7 @@ def run_demo(config: DemoConfig) -> dict[str, dict[str, Any]]:
     sizes = {"test": sizes_for_test_groups(config.test_groups)}
     if not benchmark_data_current(data_dir, sizes):
         write_benchmark_splits(data_dir, seed=0, sizes=sizes, show_progress=config.show_progress)
-    specs = demo_runs(assets, config.ablation, config.methods)
+    specs = select_runs(demo_runs(assets, config.ablation, config.methods), config.runs)
     evaluations = evaluate_runs(config, specs, assets, data_dir, out)
     pairs = comparison_pairs(specs)
     intervals, differences = score_statistics(evaluations, pairs, config.benchmarks, config.resamples,

@@ -41,6 +41,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--methods", nargs="+", default=list(TRAINING_FREE_METHODS), metavar="METHOD",
                         help="training-free methods run at each rate beside the trained DeCo and DiViCo (default: "
                         "fastv; e.g. --methods fastv random pooling dart pdrop divprune visionzip)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                        help="score only these runs (e.g. divico-keep11.1 deco-keep6.7; the baseline always runs): "
+                        "processes with disjoint --runs and the same --out work in parallel once the baseline is "
+                        "answered, and a last call without --runs writes the complete tables")
     parser.add_argument("--assets", type=Path, default=None, help="trained checkpoints (default: shipped)")
     parser.add_argument("--data", type=Path, default=None, help="mini-benchmark folder (generated if missing)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             test_groups=args.test_groups, batch_size=args.batch_size, score_dtype=args.score_dtype,
             timing_dtype=args.timing_dtype, timing_rounds=args.timing_rounds, resamples=args.resamples,
             ablation=args.ablation, methods=tuple(args.methods), show_progress=not args.no_progress, threads=args.threads,
+            runs=None if args.runs is None else tuple(args.runs),
         )
         run_demo(config)
     except (ValueError, FileNotFoundError) as error:
