@@ -797,6 +797,7 @@ def test_early_stopping_stops_at_patience_and_saves_the_best_checkpoint(tmp_path
     written = json.loads((result.output_dir / "learning_curve.json").read_text())
     assert written == {"best_step": best_step, "points": result.learning_curve}
     assert all(p["train_loss"] is not None and p["kl"] > 0 and p["eval_kl"] > 0 for p in written["points"])
+    assert all(p["eval_gap_norm_ratio"] > 0 and p["eval_sigma_mean"] > 0 for p in written["points"])
     assert json.loads((result.output_dir / "training_config.json").read_text())["eval_data_path"] == str(eval_data)
 
     # The saved parts are the best checkpoint's, not the last step's: compare logits on the validation batch.

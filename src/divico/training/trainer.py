@@ -774,12 +774,15 @@ def learning_curve(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Returns
     -------
     list of dict
-        ``{"step", "train_loss", "kl", "eval_loss", "eval_kl"}``; None where that step logged no such value
-        (``train_loss`` is the total loss logged at the step, the mean since the previous log; ``kl`` its KL term's
-        mean; ``eval_loss`` the validation answer loss; ``eval_kl`` the validation KL).
+        ``{"step", "train_loss", "kl", "eval_loss", "eval_kl", "eval_gap_norm_ratio", "eval_sigma_mean"}``; None
+        where that step logged no such value (``train_loss`` is the total loss logged at the step, the mean since
+        the previous log; ``kl`` its KL term's mean; ``eval_loss`` the validation answer loss; ``eval_kl``,
+        ``eval_gap_norm_ratio`` and ``eval_sigma_mean`` the validation KL, mean ||v_c'|| / ||v_s|| and mean sigma
+        of a variational encoder).
     """
     points: dict[int, dict[str, Any]] = {}
-    sources = {"train_loss": "loss", "kl": "kl", "eval_loss": "eval_loss", "eval_kl": "eval_kl"}
+    sources = {"train_loss": "loss", "kl": "kl", "eval_loss": "eval_loss", "eval_kl": "eval_kl",
+               "eval_gap_norm_ratio": "eval_gap_norm_ratio", "eval_sigma_mean": "eval_sigma_mean"}
     for entry in log_history:
         if "loss" not in entry and "eval_loss" not in entry:
             continue  # the run's final summary (train_runtime, train_loss, ...)

@@ -36,9 +36,30 @@ def collect_learning_curves(compressors_dir: str | Path) -> dict[str, dict[str, 
     for run in sorted(p for p in root.iterdir() if p.is_dir()):
         curve, summary = run / LEARNING_CURVE_NAME, run / TRAINING_SUMMARY_NAME
         if curve.is_file() and summary.is_file():
-            curves[run.name] = {"points": json.loads(curve.read_text())["points"],
-                                "summary": json.loads(summary.read_text())}
+            summary_data = json.loads(summary.read_text())
+            curves[run.name] = {"points": json.loads(curve.read_text())["points"], "summary": summary_data,
+                                "kept": _kept_step_metrics(run, summary_data.get("saved_step"))}
     return curves
+
+
+#: Validation figures of a variational encoder reported at the kept step (Eq. 8's KL, ||v_c'|| / ||v_s||, sigma).
+KEPT_METRICS = ("eval_kl", "eval_gap_norm_ratio", "eval_sigma_mean")
+
+
+def _kept_step_metrics(run: Path, step: int | None) -> dict[str, float]:
+    """:data:`KEPT_METRICS` at ``step``: from the learning curve, else (runs whose curve predates those fields)
+    from the Trainer log of the kept checkpoint; empty for a deterministic run."""
+    found: dict[str, float] = {}
+    points = json.loads((run / LEARNING_CURVE_NAME).read_text())["points"]
+    for point in points:
+        if point.get("step") == step:
+            found.update({k: float(point[k]) for k in KEPT_METRICS if point.get(k) is not None})
+    state = run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    if len(found) < len(KEPT_METRICS) and state.is_file():
+        for entry in json.loads(state.read_text()).get("log_history", []):
+            if entry.get("step") == step and "eval_loss" in entry:
+                found.update({k: float(entry[k]) for k in KEPT_METRICS if k in entry and k not in found})
+    return found
 
 
 def _eval_points(points: list[Mapping[str, Any]]) -> tuple[list[int], list[float]]:
@@ -47,10 +68,12 @@ def _eval_points(points: list[Mapping[str, Any]]) -> tuple[list[int], list[float
 
 
 def format_training_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: per run the steps run, the kept (best) step, the first and best validation answer loss, and
-    whether early stopping ended it."""
-    lines = ["| Run | Steps run | Kept step | Validation answer loss: first -> best | Stopped early |",
-             "|---|---|---|---|---|"]
+    """Markdown: per run the steps run, the kept (best) step, the first and best validation answer loss, whether
+    early stopping ended it, and a variational encoder's validation KL, gap-to-token norm ratio and mean sigma at
+    the kept step ("-" for deterministic runs)."""
+    lines = ["| Run | Steps run | Kept step | Validation answer loss: first -> best | Stopped early "
+             "| KL per token (nats) | gap / token norm | mean sigma |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, curve in curves.items():
         summary = curve["summary"]
         _, losses = _eval_points(curve["points"])
@@ -58,8 +81,15 @@ def format_training_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
         best = summary.get("best_eval_loss")
         best_text = "-" if best is None else f"{best:.3f}"
         lines.append(f"| {name} | {summary['steps_run']} | {summary.get('saved_step', summary['steps_run'])} | "
-                     f"{first} -> {best_text} | {'yes' if summary.get('stopped_early') else 'no'} |")
+                     f"{first} -> {best_text} | {'yes' if summary.get('stopped_early') else 'no'} | "
+                     + " | ".join(_metric(curve.get("kept", {}), key) for key in KEPT_METRICS) + " |")
     return "\n".join(lines)
+
+
+def _metric(kept: Mapping[str, float], key: str) -> str:
+    if key not in kept:
+        return "-"
+    return f"{kept[key]:.4f}" if key == "eval_gap_norm_ratio" else f"{kept[key]:.2f}"
 
 
 def plot_learning_curves(curves: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
