@@ -72,7 +72,7 @@ def format_training_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
     early stopping ended it, and a variational encoder's validation KL, gap-to-token norm ratio and mean sigma at
     the kept step ("-" for deterministic runs)."""
     lines = ["| Run | Steps run | Kept step | Validation answer loss: first -> best | Stopped early "
-             "| KL per token (nats) | gap / token norm | mean sigma |",
+             "| validation KL, as trained (nats) | gap / token norm | mean sigma |",
              "|---|---|---|---|---|---|---|---|"]
     for name, curve in curves.items():
         summary = curve["summary"]
