@@ -202,6 +202,11 @@ def test_retraining_one_compressor_changes_only_that_runs_key(tmp_path):
     (tmp_path / "compressors" / "divico-keep11.1" / "compressor.safetensors").write_bytes(b"compressor-2")
     after = [run_fingerprint(tmp_path, run) for run in runs]
     assert [a == b for a, b in zip(before, after)] == [True, True, False, True]
+    (tmp_path / "recipe.json").write_text(json.dumps({"image_size": 168, "threads": 1}))
+    assert [run_fingerprint(tmp_path, run) for run in runs] == after  # the recipe's threads change no answer
+    (tmp_path / "recipe.json").write_text(json.dumps({"image_size": 224}))
+    assert all(a != b for a, b in zip(after, [run_fingerprint(tmp_path, run) for run in runs]))
+    (tmp_path / "recipe.json").write_text(json.dumps({"image_size": 168}))
     (tmp_path / "stage2" / "lora.safetensors").write_bytes(b"base-2")  # a new base invalidates every run
     assert all(a != b for a, b in zip(after, [run_fingerprint(tmp_path, run) for run in runs]))
 

@@ -330,9 +330,12 @@ def assets_fingerprint(assets: Path, exclude: Sequence[str] = ()) -> str:
 
 
 def run_fingerprint(assets: Path, spec: RunSpec) -> str:
-    """What one run's answers depend on: the base model (the assets without ``compressors/``) and, for a trained
-    run, its own checkpoint folder. Retraining one compressor then invalidates only that run's answers."""
-    base = assets_fingerprint(assets, exclude=("compressors",))
+    """What one run's answers depend on: the base model (``stage2/`` and the image size the recipe records) and,
+    for a trained run, its own checkpoint folder. Retraining one compressor then invalidates only that run's
+    answers; the recipe's other settings (threads, step counts of stages already trained) invalidate none."""
+    recipe = assets / "recipe.json"
+    image_size = json.loads(recipe.read_text()).get("image_size", 168) if recipe.is_file() else 168
+    base = f"{assets_fingerprint(assets / 'stage2')}-{image_size}"
     if spec.checkpoint is None:
         return base
     return base + "-" + assets_fingerprint(Path(spec.checkpoint))
