@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -86,6 +86,16 @@ class SelectionInputs:
     slot_positions: torch.Tensor | None = None
 
 
+def increasing_layers(value: Any) -> list[int] | None:
+    """``value`` as a list of ints if it is a non-empty, strictly increasing list or tuple of integers >= 1 (a
+    method's layer schedule in ``extra``), else None (the caller names its own rule in the error)."""
+    if (not isinstance(value, (list, tuple)) or not value
+            or any(isinstance(b, bool) or not isinstance(b, int) for b in value)
+            or list(value) != sorted(set(value)) or value[0] < 1):
+        return None
+    return [int(b) for b in value]
+
+
 class CompressionMethod:
     """A visual-token compression method.
 
@@ -124,9 +134,15 @@ class CompressionMethod:
     #: What the model's adapter must provide (:attr:`ModelAdapter.capabilities`, e.g. ``"vision_attention"``); a
     #: model whose adapter lacks one is refused by ``apply_compression`` with an error naming it.
     required_capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: The ``CompressionConfig.extra`` keys the method reads; any other key is refused (None: not checked here).
+    extra_options: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, config: CompressionConfig) -> None:
         self.config = config
+        if self.extra_options is not None:
+            unknown = sorted(set(config.extra) - set(self.extra_options))
+            if unknown:
+                raise ValueError(f"{self.name}: unknown extra options {unknown}; valid: {list(self.extra_options)}.")
 
     @classmethod
     def title(cls) -> str:

@@ -119,14 +119,12 @@ class DART(CompressionMethod):
     """
 
     display_name = "DART"
+    extra_options = OPTIONS
     needs_scores = False
     needs_states = True
 
     def __init__(self, config: CompressionConfig) -> None:
         super().__init__(config)
-        unknown = sorted(set(config.extra) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"dart: unknown extra options {unknown}; valid: {list(OPTIONS)}.")
         self.pivot_image_tokens = _option(config.extra, "pivot_image_tokens", DEFAULT_PIVOT_IMAGE_TOKENS)
         self.pivot_text_tokens = _option(config.extra, "pivot_text_tokens", DEFAULT_PIVOT_TEXT_TOKENS)
         if self.pivot_image_tokens + self.pivot_text_tokens == 0:

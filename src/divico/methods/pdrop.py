@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from divico.config import CompressionConfig
-from divico.methods.base import CompressionMethod, TextShape
+from divico.methods.base import CompressionMethod, TextShape, increasing_layers
 from divico.registry import register_method
 from divico.selection import top_k_keep_mask
 
@@ -57,6 +57,7 @@ class PyramidDrop(CompressionMethod):
     """
 
     display_name = "PyramidDrop"
+    extra_options = OPTIONS
 
     def __init__(self, config: CompressionConfig) -> None:
         super().__init__(config)
@@ -69,19 +70,15 @@ class PyramidDrop(CompressionMethod):
             raise ValueError(
                 "pdrop ranks each sample's visual tokens as one pool; per_frame_keep=True is not supported."
             )
-        unknown = sorted(set(config.extra) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"pdrop: unknown extra options {unknown}; valid: {list(OPTIONS)}.")
         layers = config.extra.get("layers")
         if layers is not None:
-            if (not isinstance(layers, (list, tuple)) or not layers
-                    or any(isinstance(b, bool) or not isinstance(b, int) for b in layers)
-                    or list(layers) != sorted(set(layers)) or layers[0] < 1):
+            parsed = increasing_layers(layers)
+            if parsed is None:
                 raise ValueError(
                     f"pdrop: extra['layers'] must be a non-empty, strictly increasing list of integers >= 1, got "
                     f"{layers!r}."
                 )
-            layers = [int(b) for b in layers]
+            layers = parsed
         self.explicit_layers: list[int] | None = layers
         self.depth: int | None = None  # the LLM's depth, once the engine or the accounting has told it
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from divico.config import CompressionConfig
-from divico.methods.base import CompressionMethod, SelectionInputs, TextShape
+from divico.methods.base import CompressionMethod, SelectionInputs, TextShape, increasing_layers
 from divico.registry import register_method
 from divico.selection import TokenSelection, top_k_keep_mask
 
@@ -185,6 +185,7 @@ class SparseVLM(CompressionMethod):
     """
 
     display_name = "SparseVLM"
+    extra_options = OPTIONS
     needs_scores = False
     needs_states = True
     needs_attention_rows = True
@@ -195,19 +196,15 @@ class SparseVLM(CompressionMethod):
             raise ValueError(
                 "sparsevlm ranks each sample's visual tokens as one pool; per_frame_keep=True is not supported."
             )
-        unknown = sorted(set(config.extra) - set(OPTIONS))
-        if unknown:
-            raise ValueError(f"sparsevlm: unknown extra options {unknown}; valid: {list(OPTIONS)}.")
         layers = config.extra.get("layers")
         if layers is not None:
-            if (not isinstance(layers, (list, tuple)) or len(layers) != len(SPARSE_LAYERS_OF_32)
-                    or any(isinstance(b, bool) or not isinstance(b, int) for b in layers)
-                    or list(layers) != sorted(set(layers)) or layers[0] < 1):
+            parsed = increasing_layers(layers)
+            if parsed is None or len(parsed) != len(SPARSE_LAYERS_OF_32):
                 raise ValueError(
                     f"sparsevlm: extra['layers'] must be 3 strictly increasing integers >= 1 (the layers after the "
                     f"sparse layers), got {layers!r}."
                 )
-            layers = [int(b) for b in layers]
+            layers = parsed
         recycle = config.extra.get("recycle", False)
         if not isinstance(recycle, bool):
             raise ValueError(f"sparsevlm: extra['recycle'] must be True or False, got {recycle!r}.")
