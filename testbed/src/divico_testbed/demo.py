@@ -316,15 +316,11 @@ def _prepare(base: nn.Module, spec: RunSpec, layer: int = 2) -> nn.Module:
     return model.eval()
 
 
-def assets_fingerprint(assets: Path, exclude: Sequence[str] = ()) -> str:
-    """Content hash of a checkpoint folder (without its top-level entries named in ``exclude``), so finished demo
-    answers of other checkpoints are not reused."""
+def assets_fingerprint(assets: Path) -> str:
+    """Content hash of a checkpoint folder, so finished demo answers of other checkpoints are not reused."""
     digest = hashlib.sha256()
     for path in sorted(p for p in assets.rglob("*") if p.is_file()):
-        relative = path.relative_to(assets)
-        if relative.parts[0] in exclude:
-            continue
-        digest.update(str(relative).encode())
+        digest.update(str(path.relative_to(assets)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
